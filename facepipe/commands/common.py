@@ -1,0 +1,44 @@
+"""Options and helpers shared by several commands."""
+
+from __future__ import annotations
+
+import os
+
+import click
+import torch
+
+from facepipe.detection.base import DETECTOR_NAMES
+from facepipe.embedding.base import EMBEDDER_NAMES
+
+detector_option = click.option(
+    "--detector", type=click.Choice(DETECTOR_NAMES), default="retinaface", show_default=True,
+    help="Face detector. 'retinaface' uses the bundled MobileNet-0.25 weights.",
+)
+detector_weights_option = click.option(
+    "--detector-weights", "detector_weights", type=click.Path(dir_okay=False), default=None,
+    help="Detector weights file (.pth or .onnx); default: bundled weights where available.",
+)
+model_option = click.option(
+    "--model", type=click.Choice(EMBEDDER_NAMES), default="mobilefacenet", show_default=True,
+    help="Embedding model. 'mobilefacenet' uses the bundled weights; 'onnx' needs --weights FILE.onnx.",
+)
+device_option = click.option(
+    "--device", type=str, default="cpu", show_default=True, help="cpu, cuda or cuda:N.",
+)
+threads_option = click.option(
+    "--threads", type=int, default=None, help="CPU threads for torch/onnxruntime (default: all cores).",
+)
+
+
+def resolve_device(device: str) -> str:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise click.UsageError(f"--device {device} requested but CUDA is not available on this machine")
+    return device
+
+
+def set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise click.UsageError("--threads must be at least 1")
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)

@@ -1,0 +1,43 @@
+"""The detector interface and the factory the CLI and pipelines use."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from facepipe.types import Face
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """Batched face detector.
+
+    ``detect`` takes a sequence of BGR uint8 ``(H, W, 3)`` images of any sizes and returns, for each image,
+    its faces sorted by score (descending), boxes and landmarks in that image's pixel coordinates.
+    """
+
+    name: str
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]: ...
+
+
+# CLI name -> (module, factory function). Factories take (weights=None, device="cpu", **options).
+_DETECTOR_FACTORIES: dict[str, tuple[str, str]] = {
+    "retinaface": ("facepipe.detection.retinaface", "create_retinaface_mnet"),
+    "retinaface-r50": ("facepipe.detection.retinaface", "create_retinaface_r50"),
+    "retinaface-onnx": ("facepipe.detection.retinaface", "create_retinaface_onnx"),
+    "mtcnn": ("facepipe.detection.mtcnn", "create_mtcnn"),
+}
+DETECTOR_NAMES = tuple(_DETECTOR_FACTORIES)
+
+
+def create_detector(name: str = "retinaface", weights: str | None = None, device: str = "cpu", **options: Any) -> Detector:
+    """Build a detector by CLI name; ``weights=None`` uses the bundled default where there is one."""
+    try:
+        module_name, factory_name = _DETECTOR_FACTORIES[name]
+    except KeyError:
+        raise ValueError(f"unknown detector {name!r}; choose from {', '.join(DETECTOR_NAMES)}") from None
+    factory = getattr(importlib.import_module(module_name), factory_name)
+    return factory(weights=weights, device=device, **options)

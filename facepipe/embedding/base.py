@@ -1,0 +1,52 @@
+"""The embedder interface and the factory the CLI and evaluations use."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Batched face embedder.
+
+    ``embed`` takes aligned crops ``(N, H, W, 3)`` uint8 **BGR** (the facepipe image contract; the embedder
+    converts to its model's colour order and normalisation) and returns ``(N, D)`` float32 embeddings,
+    **not** L2-normalised, so the norm stays available as a quality weight. With ``flip=True`` the result is
+    the sum of the embeddings of each crop and its horizontal mirror (insightface's flip test).
+    """
+
+    name: str
+    embedding_size: int
+
+    def embed(self, crops: np.ndarray, flip: bool = True) -> np.ndarray: ...
+
+
+# CLI name -> (module, factory function). Factories take (weights=None, device="cpu", **options).
+_EMBEDDER_FACTORIES: dict[str, tuple[str, str]] = {
+    "mobilefacenet": ("facepipe.embedding.torch_embedder", "create_mobilefacenet"),
+    "iresnet18": ("facepipe.embedding.torch_embedder", "create_iresnet18"),
+    "iresnet34": ("facepipe.embedding.torch_embedder", "create_iresnet34"),
+    "iresnet50": ("facepipe.embedding.torch_embedder", "create_iresnet50"),
+    "iresnet100": ("facepipe.embedding.torch_embedder", "create_iresnet100"),
+    "iresnet200": ("facepipe.embedding.torch_embedder", "create_iresnet200"),
+    "onnx": ("facepipe.embedding.onnx_embedder", "create_onnx_embedder"),
+}
+EMBEDDER_NAMES = tuple(_EMBEDDER_FACTORIES)
+
+
+def create_embedder(name: str = "mobilefacenet", weights: str | None = None, device: str = "cpu", **options: Any) -> Embedder:
+    """Build an embedder by CLI name; ``weights=None`` uses the bundled default where there is one."""
+    try:
+        module_name, factory_name = _EMBEDDER_FACTORIES[name]
+    except KeyError:
+        raise ValueError(f"unknown embedding model {name!r}; choose from {', '.join(EMBEDDER_NAMES)}") from None
+    factory = getattr(importlib.import_module(module_name), factory_name)
+    return factory(weights=weights, device=device, **options)
+
+
+def l2_normalize(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=axis, keepdims=True)
+    return x / np.maximum(norm, eps)

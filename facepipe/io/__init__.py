@@ -1,0 +1,1 @@
+"""Readers and writers for images and the data set formats users bring."""
