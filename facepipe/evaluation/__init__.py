@@ -1,0 +1,1 @@
+"""Evaluation protocols: WIDER FACE detection AP, face verification (LFW / CFP / AgeDB), IJB-C."""
