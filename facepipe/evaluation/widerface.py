@@ -322,7 +322,9 @@ def normalize_scores(predictions: Mapping[str, np.ndarray]) -> tuple[dict[str, n
     for key, rows in predictions.items():
         rows = np.array(rows, dtype=np.float64).reshape(-1, 5)
         if len(rows):
-            rows[:, 4] = (rows[:, 4] - low) / (high - low)
+            # The reference divides by zero when every score is equal (e.g. one prediction in all): keep
+            # them all at every threshold instead of turning them into NaN.
+            rows[:, 4] = (rows[:, 4] - low) / (high - low) if high > low else 1.0
         normalized[key] = rows
     return normalized, (low, high)
 
