@@ -1,0 +1,1 @@
+"""Training RetinaFace: data readers, augmentation, anchor matching, multi-task loss with OHEM, the loop."""
