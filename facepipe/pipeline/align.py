@@ -1,0 +1,467 @@
+"""The streaming align job: read -> decode -> detect (batched) -> choose faces -> warp -> encode -> write.
+
+The per-batch work is ``AlignWorker(config, source).process(items)``: a plain, picklable object that decodes,
+detects, aligns and encodes a batch and returns one ``ItemResult`` (manifest row + encoded crops) per item.
+``run_align`` drives it locally: a pool of worker processes (each holding its own detector with
+``threads_per_worker`` torch threads, so that workers x threads = cores and nothing oversubscribes) fed a
+bounded number of batches, while the main process names and writes the outputs and commits the manifest
+chunk by chunk. Another engine (Ray) can map ``AlignWorker.process`` over the same items and reuse the sinks
+and the ``ManifestStore`` to produce the same outputs and manifest.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import cv2
+import numpy as np
+
+from facepipe.alignment import estimate_norm, warp_crops
+from facepipe.io.images import ImageDecodeError, decode_image_bounded
+from facepipe.pipeline.face_choice import KEEP_MODES, choose_faces
+from facepipe.pipeline.manifest import ManifestRow, ManifestStore, status_counts
+from facepipe.pipeline.sinks import colliding_stems, create_sink, identity_labels, output_names
+from facepipe.pipeline.sources import Item, Source
+from facepipe.types import Face
+
+IMAGE_FORMATS = ("jpg", "png")
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """Everything that decides the outputs (recorded in the run's settings, so a resume must match it)."""
+
+    size: int | tuple[int, int] = 112
+    keep: str = "largest"
+    min_score: float = 0.5
+    retry_padded: bool = False
+    pad_ratio: float = 0.5
+    image_format: str = "jpg"
+    jpeg_quality: int = 95
+    max_pixels: int = 50_000_000
+    detect_max_side: int | None = 2560
+    detector: str = "retinaface"
+    detector_weights: str | None = None
+    detector_options: dict[str, Any] = field(default_factory=dict)
+    landmarks_file: str | None = None
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.keep not in KEEP_MODES:
+            raise ValueError(f"keep must be one of {', '.join(KEEP_MODES)}")
+        if self.image_format not in IMAGE_FORMATS:
+            raise ValueError(f"image format must be one of {', '.join(IMAGE_FORMATS)}")
+        if not 0 <= self.jpeg_quality <= 100:
+            raise ValueError("JPEG quality must be within 0..100")
+        if self.pad_ratio <= 0:
+            raise ValueError("pad ratio must be positive")
+        from facepipe.alignment import arcface_template
+
+        arcface_template(self.size)  # raises for unsupported sizes
+
+    def output_settings(self) -> dict[str, Any]:
+        """The settings that change outputs (device is not one of them)."""
+        settings = asdict(self)
+        settings.pop("device")
+        settings["size"] = list(self.size) if isinstance(self.size, tuple) else self.size
+        return settings
+
+
+@dataclass
+class ItemResult:
+    row: ManifestRow
+    crops: list[bytes]
+
+
+def encode_crop(crop: np.ndarray, image_format: str, jpeg_quality: int) -> bytes:
+    """Deterministic encoding: fixed parameters, no timestamps (same pixels -> same bytes)."""
+    if image_format == "png":
+        ok, buffer = cv2.imencode(".png", crop, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    else:
+        ok, buffer = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
+    if not ok:
+        raise RuntimeError(f"OpenCV failed to encode a {crop.shape} crop as {image_format}")
+    return buffer.tobytes()
+
+
+def pad_image(image: np.ndarray, pad_ratio: float) -> tuple[np.ndarray, int]:
+    """Black border of ``pad_ratio * longest side`` around the image: tight crops (a face filling the frame)
+    defeat anchor-based detectors, which never saw a face that large relative to the image."""
+    pad = max(1, int(round(pad_ratio * max(image.shape[:2]))))
+    return cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0)), pad
+
+
+def _resize_for_detection(image: np.ndarray, max_side: int | None) -> tuple[np.ndarray, float]:
+    longest = max(image.shape[:2])
+    if max_side is None or longest <= max_side:
+        return image, 1.0
+    scale = max_side / longest
+    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA), scale
+
+
+class AlignWorker:
+    """Processes batches of items. Built from picklable parts; the detector is created on first use (in the
+    process that uses it)."""
+
+    def __init__(self, config: AlignConfig, source: Source) -> None:
+        self.config = config
+        self.source = source
+        self._detector = None
+        self._landmarks: dict[str, Face] | None = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_detector"] = None
+        state["_landmarks"] = None
+        return state
+
+    @property
+    def detector(self):
+        if self._detector is None:
+            from facepipe.detection import create_detector
+
+            self._detector = create_detector(
+                self.config.detector, self.config.detector_weights, self.config.device, **self.config.detector_options
+            )
+        return self._detector
+
+    @property
+    def landmarks(self) -> dict[str, Face]:
+        if self._landmarks is None:
+            from facepipe.pipeline.landmarks_file import read_landmarks_file
+
+            self._landmarks = read_landmarks_file(self.config.landmarks_file)
+        return self._landmarks
+
+    def _decode(self, item: Item) -> tuple[np.ndarray | None, tuple[float, float], str]:
+        try:
+            data = self.source.read(item)
+            image, scale = decode_image_bounded(data, self.config.max_pixels)
+            return image, scale, ""
+        except ImageDecodeError as exc:
+            return None, (1.0, 1.0), str(exc)
+        except (OSError, ValueError, KeyError) as exc:
+            return None, (1.0, 1.0), f"cannot read: {exc}"
+
+    def _detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
+        if not images:
+            return []
+        resized = [_resize_for_detection(image, self.config.detect_max_side) for image in images]
+        detections = self.detector.detect([image for image, _ in resized])
+        return [
+            faces if scale == 1.0 else [face.scaled(1.0 / scale) for face in faces]
+            for faces, (_, scale) in zip(detections, resized)
+        ]
+
+    def process(self, items: Sequence[Item]) -> list[ItemResult]:
+        """One result per item, in order. An unexpected failure inside a batch is retried item by item so that
+        only the item that causes it becomes an ``error`` row."""
+        try:
+            return self._process_batch(items)
+        except Exception:
+            if len(items) == 1:
+                raise
+        results = []
+        for item in items:
+            try:
+                results.extend(self._process_batch([item]))
+            except Exception as exc:  # noqa: BLE001 - recorded in the manifest, the run goes on
+                reason = f"processing failed: {type(exc).__name__}: {exc}"
+                results.append(ItemResult(ManifestRow(item.index, item.key, item.source, "error", reason), []))
+        return results
+
+    def prepare(self) -> None:
+        """Load the detector or the landmarks file now, so that bad weights or files fail before any work."""
+        if self.config.landmarks_file is not None:
+            _ = self.landmarks
+        else:
+            _ = self.detector
+
+    def _process_batch(self, items: Sequence[Item]) -> list[ItemResult]:
+        cfg = self.config
+        decoded = [self._decode(item) for item in items]
+        rows = [ManifestRow(item.index, item.key, item.source, "error", reason) for item, (_, _, reason) in zip(items, decoded)]
+        good = [i for i, (image, _, _) in enumerate(decoded) if image is not None]
+        for i in good:
+            image, (sx, sy) = decoded[i][0], decoded[i][1]
+            rows[i].width, rows[i].height = round(image.shape[1] * sx), round(image.shape[0] * sy)
+            rows[i].decode_scale = float(max(sx, sy))
+
+        faces: dict[int, list[Face]] = {}
+        if cfg.landmarks_file is not None:
+            for i in good:
+                face = self.landmarks.get(items[i].key)
+                faces[i] = [] if face is None else [face.scaled(1 / decoded[i][1][0], 1 / decoded[i][1][1])]
+        else:
+            for i, found in zip(good, self._detect([decoded[i][0] for i in good])):
+                faces[i] = choose_faces(found, decoded[i][0].shape, cfg.keep, cfg.min_score)
+                rows[i].num_detected = sum(face.score >= cfg.min_score for face in found)
+            if cfg.retry_padded:
+                retry = [i for i in good if not faces[i]]
+                padded = [pad_image(decoded[i][0], cfg.pad_ratio) for i in retry]
+                for i, (image, pad), found in zip(retry, padded, self._detect([image for image, _ in padded])):
+                    found = [face.translated(-pad, -pad) for face in found]
+                    faces[i] = choose_faces(found, decoded[i][0].shape, cfg.keep, cfg.min_score)
+                    rows[i].num_detected = sum(face.score >= cfg.min_score for face in found)
+                    rows[i].padded_retry = True
+
+        results = []
+        for i, item in enumerate(items):
+            if i not in faces:
+                results.append(ItemResult(rows[i], []))
+                continue
+            kept = faces[i]
+            row = rows[i]
+            if not kept:
+                row.status = "no_face"
+                row.reason = "not in landmarks file" if cfg.landmarks_file is not None else "no face detected"
+                results.append(ItemResult(row, []))
+                continue
+            image, (sx, sy) = decoded[i][0], decoded[i][1]
+            matrices = estimate_norm(np.stack([face.landmarks for face in kept]), cfg.size)
+            crops = warp_crops(image, matrices, cfg.size)
+            row.status = "ok"
+            for face in kept:
+                original = face.scaled(sx, sy)
+                row.boxes.append([float(v) for v in original.box])
+                row.scores.append(float(face.score))
+                row.landmarks.append([float(v) for v in original.landmarks.reshape(-1)])
+            results.append(ItemResult(row, [encode_crop(crop, cfg.image_format, cfg.jpeg_quality) for crop in crops]))
+        return results
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Local engine
+
+
+_WORKER: AlignWorker | None = None
+
+
+def _init_process(worker: AlignWorker, threads: int) -> None:
+    """Per-process thread budget: torch, OpenMP and OpenCV all limited to this worker's share of the cores."""
+    global _WORKER
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    cv2.setNumThreads(1)
+    import torch
+
+    torch.set_num_threads(threads)
+    _WORKER = worker
+
+
+def _process_in_pool(items: Sequence[Item]) -> list[ItemResult]:
+    assert _WORKER is not None, "worker process not initialised"
+    return _WORKER.process(items)
+
+
+@dataclass
+class AlignSummary:
+    counts: dict[str, int]
+    processed: int
+    skipped: int
+    crops_written: int
+    seconds: float
+    manifest_path: Path
+
+    @property
+    def images_per_second(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    def format(self) -> str:
+        counts = ", ".join(f"{status} {n}" for status, n in self.counts.items())
+        return (
+            f"{self.processed} images processed ({self.skipped} already done) in {self.seconds:.1f} s, "
+            f"{self.images_per_second:.2f} images/s; {counts}; {self.crops_written} crops written; "
+            f"manifest {self.manifest_path}"
+        )
+
+
+def default_workers(device: str) -> int:
+    # One process per core on CPU (RetinaFace-mnet scales worse over threads than over processes); a single
+    # process on a GPU, which batches on its own.
+    return 1 if device.startswith("cuda") else max(1, os.cpu_count() or 1)
+
+
+def run_align(
+    config: AlignConfig,
+    source: Source,
+    out_dir: str | os.PathLike,
+    sink_kind: str = "dir",
+    manifest_path: str | os.PathLike | None = None,
+    workers: int | None = None,
+    batch_size: int = 8,
+    chunk_size: int = 256,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_chunk_committed: Callable[[int], None] | None = None,
+) -> AlignSummary:
+    """Align every item of ``source`` into ``out_dir``; resumable (finished chunks are skipped)."""
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    manifest_path = Path(manifest_path) if manifest_path is not None else out_dir / "manifest.parquet"
+    workers = default_workers(config.device) if workers is None else workers
+    if batch_size < 1 or chunk_size < 1:
+        raise ValueError("batch size and chunk size must be at least 1")
+
+    items = source.items()
+    labels = identity_labels(items)
+    items = [replace(item, label=labels[item.identity]) if item.label < 0 else item for item in items]
+    if sink_kind == "recordio":
+        _check_grouped_by_identity(items)
+    suffix_keys = colliding_stems(items)
+
+    store = ManifestStore(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store.start(
+        {
+            "config": config.output_settings(),
+            "sink": sink_kind,
+            "chunk_size": chunk_size,
+            "inputs": len(items),
+            "inputs_digest": _digest(item.key for item in items),
+        },
+        overwrite=overwrite,
+    )
+    sink = create_sink(sink_kind, out_dir, store.staging_dir)
+
+    chunks = [items[start : start + chunk_size] for start in range(0, len(items), chunk_size)]
+    done = store.done_chunks()
+    pending = [chunk_id for chunk_id in range(len(chunks)) if chunk_id not in done]
+    skipped = sum(len(chunks[c]) for c in range(len(chunks)) if c in done)
+    worker = AlignWorker(config, source)
+    worker.prepare()
+    crops_written = 0
+    if pending and not sink.done():
+        crops_written = _run_chunks(
+            worker, chunks, pending, store, sink, config, suffix_keys, workers, batch_size, progress, on_chunk_committed
+        )
+    sink.finish(labels)
+    table = store.merge(manifest_path)
+    counts = status_counts(table.column("status").to_pylist())
+    return AlignSummary(counts, len(items) - skipped, skipped, crops_written, time.perf_counter() - started, manifest_path)
+
+
+class _ChunkCommitter:
+    """Gathers batch results per chunk; when a chunk's last batch arrives, names its crops, has the sink write
+    them and then commits the chunk's manifest part (outputs first, so a committed part implies its outputs)."""
+
+    def __init__(self, chunks, batches, store, sink, config, suffix_keys, bar, on_chunk_committed) -> None:
+        self.chunks, self.store, self.sink, self.config = chunks, store, sink, config
+        self.suffix_keys, self.bar, self.on_chunk_committed = suffix_keys, bar, on_chunk_committed
+        self.remaining: dict[int, int] = {}
+        for chunk_id, _ in batches:
+            self.remaining[chunk_id] = self.remaining.get(chunk_id, 0) + 1
+        self.results: dict[int, list[ItemResult]] = {chunk_id: [] for chunk_id in self.remaining}
+        self.crops_written = 0
+
+    def add(self, chunk_id: int, batch_results: list[ItemResult]) -> bool:
+        """Returns True when this completed (and committed) the chunk."""
+        self.results[chunk_id].extend(batch_results)
+        self.bar.update(len(batch_results))
+        self.remaining[chunk_id] -= 1
+        if self.remaining[chunk_id]:
+            return False
+        self._commit(chunk_id)
+        return True
+
+    def _commit(self, chunk_id: int) -> None:
+        chunk = self.chunks[chunk_id]
+        first_index = chunk[0].index
+        chunk_results = sorted(self.results.pop(chunk_id), key=lambda r: r.row.index)
+        entries = []
+        for result in chunk_results:
+            item = chunk[result.row.index - first_index]
+            names = output_names(
+                item, len(result.crops), self.config.keep == "all", self.config.image_format, item.key in self.suffix_keys
+            )
+            result.row.outputs = names
+            entries.extend((item, name, data) for name, data in zip(names, result.crops))
+        self.sink.write_chunk(chunk_id, entries)
+        self.store.commit_chunk(chunk_id, [r.row for r in chunk_results])
+        self.crops_written += len(entries)
+        if self.on_chunk_committed is not None:
+            self.on_chunk_committed(chunk_id)
+
+
+def _run_chunks(
+    worker: AlignWorker,
+    chunks: list[list[Item]],
+    pending: list[int],
+    store: ManifestStore,
+    sink: Any,
+    config: AlignConfig,
+    suffix_keys: set[str],
+    workers: int,
+    batch_size: int,
+    progress: bool,
+    on_chunk_committed: Callable[[int], None] | None,
+) -> int:
+    from tqdm import tqdm
+
+    batches = [
+        (chunk_id, chunks[chunk_id][start : start + batch_size])
+        for chunk_id in pending
+        for start in range(0, len(chunks[chunk_id]), batch_size)
+    ]
+    bar = tqdm(total=sum(len(chunks[c]) for c in pending), unit="img", disable=not progress, dynamic_ncols=True)
+    committer = _ChunkCommitter(chunks, batches, store, sink, config, suffix_keys, bar, on_chunk_committed)
+    try:
+        if workers == 0:
+            for chunk_id, batch in batches:
+                committer.add(chunk_id, worker.process(batch))
+        else:
+            threads = max(1, (os.cpu_count() or 1) // workers)
+            context = multiprocessing.get_context("spawn")
+            with cf.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_process, initargs=(worker, threads)) as pool:
+                _pump(pool, batches, pending, workers, committer)
+    finally:
+        bar.close()
+    return committer.crops_written
+
+
+def _pump(pool: cf.Executor, batches: list[tuple[int, list[Item]]], pending: list[int], workers: int, committer: _ChunkCommitter) -> None:
+    """Keep at most 2 batches per worker in flight, and only from the two oldest unfinished chunks, so that
+    memory stays bounded however slow one batch is."""
+    max_in_flight = 2 * workers
+    queue = list(reversed(batches))
+    in_flight: dict[cf.Future, int] = {}
+    open_chunks = list(pending)  # chunks not yet committed, in order
+    while queue or in_flight:
+        while queue and len(in_flight) < max_in_flight and queue[-1][0] in open_chunks[:2]:
+            chunk_id, batch = queue.pop()
+            in_flight[pool.submit(_process_in_pool, batch)] = chunk_id
+        finished, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
+        for future in sorted(finished, key=lambda f: in_flight[f]):
+            chunk_id = in_flight.pop(future)
+            if committer.add(chunk_id, future.result()):
+                open_chunks.remove(chunk_id)
+
+
+def _check_grouped_by_identity(items: Sequence[Item]) -> None:
+    seen: set[int] = set()
+    previous = None
+    for item in items:
+        if item.label != previous:
+            if item.label in seen:
+                raise ValueError(
+                    f"RecordIO output needs each identity's images together; {item.key} returns to identity "
+                    f"{item.identity!r} after others (sort the file list)"
+                )
+            seen.add(item.label)
+            previous = item.label
+    return None
+
+
+def _digest(keys: Any) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in keys:
+        h.update(key.encode("utf-8", "surrogateescape") + b"\0")
+    return h.hexdigest()
