@@ -1,0 +1,136 @@
+"""Embedders backed by the PyTorch models of ``facepipe.models`` (MobileFaceNet, iresnet18..200).
+
+The model's ``ModelConfig`` is the single source of its preprocessing: colour order, mean/std, input size.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from facepipe.models.registry import ModelConfig, create_model, get_config
+
+
+def preprocess(crops: np.ndarray, config: ModelConfig) -> np.ndarray:
+    """``(N, H, W, 3)`` uint8 BGR -> ``(N, 3, H, W)`` float32 in the model's colour order and normalisation."""
+    crops = np.asarray(crops)
+    if crops.ndim == 3:
+        crops = crops[None]
+    if crops.ndim != 4 or crops.shape[-1] != 3:
+        raise ValueError(f"expected crops of shape (N, H, W, 3), got {crops.shape}")
+    if crops.dtype != np.uint8:
+        raise ValueError(f"expected uint8 BGR crops, got dtype {crops.dtype}")
+    if config.input_size is not None and tuple(crops.shape[1:3]) != tuple(config.input_size):
+        h, w = config.input_size
+        raise ValueError(
+            f"{config.name} expects aligned {h}x{w} crops, got {crops.shape[1]}x{crops.shape[2]}; "
+            f"align with `facepipe align --size {h}`" + ("" if h == w else f"x{w}")
+        )
+    if config.input_format == "RGB":
+        crops = crops[..., ::-1]
+    mean = np.asarray(config.mean, dtype=np.float32)
+    scale = 1.0 / np.asarray(config.std, dtype=np.float32)
+    x = (crops.astype(np.float32) - mean) * scale
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+class TorchEmbedder:
+    """``Embedder`` over a torch module: BGR crops in, raw ``(N, D)`` float32 out (flip test adds the mirror)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: ModelConfig,
+        device: str = "cpu",
+        batch_size: int = 64,
+        fp16: bool = False,
+        channels_last: bool = True,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.device = torch.device(device)
+        if fp16 and self.device.type != "cuda":
+            raise ValueError("fp16 autocast is for CUDA devices; on CPU use float32")
+        self.name = config.name
+        self.config = config
+        self.embedding_size = int(config.embedding_size or 0)
+        self.batch_size = batch_size
+        self.fp16 = fp16
+        self.channels_last = channels_last
+        self.model = model.to(self.device).eval()
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)  # oneDNN / cuDNN prefer NHWC convs
+        if hasattr(self.model, "fp16"):
+            self.model.fp16 = fp16
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        tensor = torch.from_numpy(x).to(self.device, non_blocking=True)
+        if self.channels_last:
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast("cuda", enabled=self.fp16):
+            return self.model(tensor).float().cpu().numpy()
+
+    def embed(self, crops: np.ndarray, flip: bool = True) -> np.ndarray:
+        x = preprocess(crops, self.config)
+        out = np.empty((len(x), self.embedding_size), dtype=np.float32)
+        step = max(1, self.batch_size // 2) if flip else self.batch_size
+        for start in range(0, len(x), step):
+            chunk = x[start : start + step]
+            if flip:
+                # One forward over [crops, mirrors] instead of two: better batching at the same memory.
+                both = self._forward(np.concatenate([chunk, chunk[..., ::-1]]))
+                out[start : start + len(chunk)] = both[: len(chunk)] + both[len(chunk) :]
+            else:
+                out[start : start + len(chunk)] = self._forward(chunk)
+        return out
+
+    def __repr__(self) -> str:
+        return f"TorchEmbedder({self.name}, device={self.device}, batch_size={self.batch_size}, fp16={self.fp16})"
+
+
+def _options(options: dict[str, Any]) -> dict[str, Any]:
+    known = {"batch_size", "fp16", "channels_last"}
+    unknown = set(options) - known
+    if unknown:
+        raise TypeError(f"unknown embedder options: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+    return options
+
+
+def create_mobilefacenet(weights: str | os.PathLike | None = None, device: str = "cpu", **options: Any) -> TorchEmbedder:
+    """The bundled foamliu MobileFaceNet (128-d), or ``weights`` in the same key layout."""
+    model = create_model("mobilefacenet") if weights is None else create_model("mobilefacenet", weights=weights)
+    return TorchEmbedder(model, get_config("mobilefacenet"), device=device, **_options(options))
+
+
+def _create_iresnet(name: str, weights: str | os.PathLike | None, device: str, options: dict[str, Any]) -> TorchEmbedder:
+    if weights is None:
+        raise ValueError(
+            f"{name} needs weights: pass --weights backbone.pth (insightface arcface_torch model.pt / backbone.pth); "
+            "no weights are bundled for it (insightface weights are licensed for non-commercial research only)"
+        )
+    model = create_model(name, weights=weights)
+    return TorchEmbedder(model, get_config(name), device=device, **_options(options))
+
+
+def create_iresnet18(weights: str | os.PathLike | None = None, device: str = "cpu", **options: Any) -> TorchEmbedder:
+    return _create_iresnet("iresnet18", weights, device, options)
+
+
+def create_iresnet34(weights: str | os.PathLike | None = None, device: str = "cpu", **options: Any) -> TorchEmbedder:
+    return _create_iresnet("iresnet34", weights, device, options)
+
+
+def create_iresnet50(weights: str | os.PathLike | None = None, device: str = "cpu", **options: Any) -> TorchEmbedder:
+    return _create_iresnet("iresnet50", weights, device, options)
+
+
+def create_iresnet100(weights: str | os.PathLike | None = None, device: str = "cpu", **options: Any) -> TorchEmbedder:
+    return _create_iresnet("iresnet100", weights, device, options)
+
+
+def create_iresnet200(weights: str | os.PathLike | None = None, device: str = "cpu", **options: Any) -> TorchEmbedder:
+    return _create_iresnet("iresnet200", weights, device, options)
