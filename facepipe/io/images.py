@@ -80,6 +80,11 @@ def decode_image_bounded(data: bytes | np.ndarray, max_pixels: int) -> tuple[np.
     raise ImageDecodeError(f"image too large: {width}x{height} is over {max_pixels} pixels even at 1/8 size")
 
 
+def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
+    """Read and decode one image file; raises ``ImageDecodeError`` with a human-readable reason."""
+    return decode_image(read_image_bytes(path), max_pixels=max_pixels)
+
+
 def _as_buffer(data: bytes | np.ndarray) -> np.ndarray:
     if len(data) == 0:
         raise ImageDecodeError("empty file (0 bytes)")
