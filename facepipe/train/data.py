@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from facepipe.io.images import decode_image, read_image_bytes
+from facepipe.io.images import ImageDecodeError, decode_image, read_image_bytes
 from facepipe.train.augment import FaceTargets
 
 ANNOTATION_FORMATS = ("label-txt", "jsonl", "wider-mat")
@@ -212,7 +212,10 @@ class FaceDetectionDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         sample = self.samples[index]
-        image = decode_image(read_image_bytes(sample.image_path))
+        try:
+            image = decode_image(read_image_bytes(sample.image_path))
+        except ImageDecodeError as exc:
+            raise ImageDecodeError(f"{sample.image_path}: {exc}") from None
         rng = np.random.default_rng([self.seed, self.epoch, index])
         tensor, rows = self.transform(image, sample.faces.copy(), rng)
         return torch.from_numpy(tensor), torch.from_numpy(rows)
