@@ -1,0 +1,174 @@
+"""``facepipe eval widerface``: detect over WIDER FACE val images (or reuse predictions) and report easy/medium/hard AP."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from facepipe.commands.common import (
+    detector_option,
+    detector_weights_option,
+    device_option,
+    resolve_device,
+    set_threads,
+    threads_option,
+)
+from facepipe.commands.detect import InputImage, detect_batch, iter_loaded_batches
+from facepipe.evaluation import widerface as wider
+from facepipe.io.images import list_images
+
+# Settings of the reference evaluation run (Pytorch_Retinaface test_widerface.py): every box above 0.02 is
+# kept, so that the precision-recall curve reaches low scores.
+EVAL_SCORE_THRESHOLD = 0.02
+RUN_INFO_FILE = "facepipe_run.json"
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=2)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check_run_info(prediction_dir: Path, run_info: dict) -> None:
+    """Refuse to mix predictions of different detector settings (or of unknown origin) in one folder."""
+    path = prediction_dir / RUN_INFO_FILE
+    if not path.is_file() and any(prediction_dir.glob("*/*.txt")):
+        raise click.UsageError(
+            f"{prediction_dir} holds prediction files of unknown origin but not for every image; "
+            "complete them, or use another --predictions folder"
+        )
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        if previous != run_info:
+            raise click.UsageError(
+                f"{prediction_dir} holds predictions made with {previous}, not {run_info}; "
+                "use another --predictions folder (or delete this one)"
+            )
+    else:
+        _write_json_atomic(path, run_info)
+
+
+@click.command()
+@click.option(
+    "--images", "images_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+    help="WIDER val images laid out <event>/<name>.jpg (all of them or a subset).",
+)
+@click.option(
+    "--gt", "gt_dir", required=True, type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="Folder with wider_face_val.mat and wider_{easy,medium,hard}_val.mat.",
+)
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Report .json.")
+@click.option(
+    "--predictions", "prediction_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Prediction folder <event>/<name>.txt: existing files are evaluated as they are, missing ones are "
+    "detected and written here (default: a temporary folder).",
+)
+@detector_option
+@detector_weights_option
+@click.option(
+    "--scale", type=click.Choice(["original", "fixed", "multiscale"]), default="original", show_default=True,
+    help="original: no resize; fixed: 1600 short side / 2150 long side; multiscale: pyramid + flip.",
+)
+@device_option
+@threads_option
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+def widerface(
+    images_dir: Path | None,
+    gt_dir: Path,
+    out: Path,
+    prediction_dir: Path | None,
+    detector: str,
+    detector_weights: str | None,
+    scale: str,
+    device: str,
+    threads: int | None,
+    batch_size: int,
+) -> None:
+    """WIDER FACE val easy / medium / hard AP (official protocol) over the given images.
+
+    Only the images under --images count (faces of other val images are left out), so a subset gives a
+    subset AP. Without --images, the images that have a file in --predictions are evaluated.
+    """
+    try:
+        ground_truth = wider.load_ground_truth(gt_dir)
+    except wider.WiderFormatError as exc:
+        raise click.UsageError(str(exc)) from None
+
+    if images_dir is None:
+        if prediction_dir is None:
+            raise click.UsageError("give --images (to run the detector) or --predictions (to evaluate existing files)")
+        keys = None
+        sources: list[InputImage] = []
+    else:
+        paths = list_images(images_dir)
+        if not paths:
+            raise click.UsageError(f"no images under {images_dir}")
+        sources = [InputImage(p, p.relative_to(images_dir)) for p in paths]
+        keys = [wider.image_key(p) for p in paths]
+        unknown = [k for k in keys if k not in ground_truth]
+        if unknown:
+            raise click.UsageError(
+                f"{len(unknown)} image(s) under {images_dir} are not WIDER val images, e.g. {unknown[0]} "
+                "(expected <event>/<name>.jpg as in WIDER_val/images)"
+            )
+
+    with tempfile.TemporaryDirectory(prefix="facepipe_wider_") as scratch:
+        folder = Path(scratch) if prediction_dir is None else prediction_dir
+        missing = [s for s in sources if not wider.prediction_path(folder, wider.image_key(s.path)).is_file()]
+        run_info = {"detector": detector, "weights": detector_weights, "scale": scale}
+        if missing:
+            _check_run_info(folder, run_info)
+            _detect_into(folder, missing, detector, detector_weights, scale, resolve_device(device), threads, batch_size)
+        elif sources:
+            click.echo(f"all {len(sources)} prediction files exist in {folder}: evaluating them", err=True)
+        try:
+            predictions = wider.read_predictions(folder)
+            result = wider.evaluate(predictions, ground_truth, images=keys)
+        except wider.WiderFormatError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    report = {**result.to_dict(), "predictions": None if prediction_dir is None else str(prediction_dir)}
+    if missing:
+        report.update(run_info)
+    _write_json_atomic(out, report)
+    click.echo(result.table())
+
+
+def _detect_into(
+    folder: Path,
+    sources: list[InputImage],
+    detector: str,
+    weights: str | None,
+    scale: str,
+    device: str,
+    threads: int | None,
+    batch_size: int,
+) -> None:
+    from facepipe.detection import create_detector
+
+    set_threads(threads)
+    model = create_detector(detector, weights=weights, device=device, threshold=EVAL_SCORE_THRESHOLD, scale=scale)
+    with tqdm(total=len(sources), unit="img", desc="WIDER detect") as progress:
+        for batch in iter_loaded_batches(sources, batch_size):
+            broken = [item for item in batch if item.error is not None]
+            if broken:
+                raise click.ClickException(f"cannot read {broken[0].source.path}: {broken[0].error}")
+            results = detect_batch(model, [item.image for item in batch])
+            for item, faces in zip(batch, results):
+                if isinstance(faces, Exception):
+                    raise click.ClickException(f"detection failed on {item.source.path}: {faces}")
+                key = wider.image_key(item.source.path)
+                wider.write_prediction_file(wider.prediction_path(folder, key), wider.faces_to_rows(faces))
+            progress.update(len(batch))
