@@ -67,6 +67,7 @@ def decode_image_bounded(data: bytes | np.ndarray, max_pixels: int) -> tuple[np.
     width, height = size
     if not _is_jpeg(buffer):
         raise ImageDecodeError(f"image too large: {width}x{height} > {max_pixels} pixels (only JPEGs are decoded reduced)")
+    _check_jpeg_complete(buffer)
     for factor, flag in ((2, cv2.IMREAD_REDUCED_COLOR_2), (4, cv2.IMREAD_REDUCED_COLOR_4), (8, cv2.IMREAD_REDUCED_COLOR_8)):
         if -(-width // factor) * -(-height // factor) <= max_pixels:
             image = cv2.imdecode(buffer, flag | cv2.IMREAD_IGNORE_ORIENTATION)
@@ -93,7 +94,16 @@ def _as_buffer(data: bytes | np.ndarray) -> np.ndarray:
     return data
 
 
+def _check_jpeg_complete(buffer: np.ndarray) -> None:
+    # libjpeg decodes a truncated file "successfully", filling the missing rows with grey: refuse it instead.
+    if _is_jpeg(buffer):
+        tail = buffer[-4096:].tobytes().rstrip(b"\x00")
+        if b"\xff\xd9" not in tail:
+            raise ImageDecodeError("truncated JPEG (no end-of-image marker)")
+
+
 def _decode_full(buffer: np.ndarray, max_pixels: int | None) -> np.ndarray:
+    _check_jpeg_complete(buffer)
     # IMREAD_UNCHANGED keeps 16-bit depth so it can be scaled rather than truncated; IMREAD_ANYCOLOR alone
     # would skip EXIF orientation, so orientation is applied by a second decode of the header only when present.
     image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH)
