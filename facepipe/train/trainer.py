@@ -6,7 +6,8 @@ Output directory layout (``--out``):
 * ``log.jsonl``                 -- one line per logged iteration (epoch, step, lr, loss parts, seconds/iter)
 * ``epochs.csv``                -- mean losses per epoch
 * ``weights/epoch_NNN.pth``     -- plain state dicts in the Pytorch_Retinaface key layout (300 keys for
-  mobilenet0.25): load with ``create_detector("retinaface", weights=...)`` or the reference ``detect.py``
+  mobilenet0.25): load with ``create_detector("retinaface", weights=...)`` or the reference ``detect.py``;
+  ``epoch_000.pth`` is the starting point (the ``--weights`` given, or the random initialisation)
 * ``final.pth``                 -- the last epoch's weights, same format
 * ``resume.pt``                 -- model, optimizer, GradScaler, next epoch and step, RNG state: ``--resume``
 
@@ -240,6 +241,9 @@ class Trainer:
         result = TrainResult(self.out_dir, self.out_dir / "final.pth")
         step_seconds: list[float] = []
         self.model.train()
+        initial = self.out_dir / "weights" / "epoch_000.pth"
+        if self.start_epoch == 0 and not initial.exists():
+            _atomic_save(export_state_dict(self.model), initial)  # the baseline every later epoch is compared with
         with open(self.out_dir / "log.jsonl", "a", encoding="utf-8") as log:
             for epoch in range(self.start_epoch, end_epoch):
                 sums: dict[str, float] = {}
