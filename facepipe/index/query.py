@@ -1,0 +1,97 @@
+"""Turn a search query (an image, a folder of aligned crops, or an embedding folder) into embeddings made
+exactly like the gallery's (same model, weights, flip and options, read from the gallery's settings)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from facepipe.embedding.store import MANIFEST_NAME, RUN_FILE, CropEmbedder, EmbedSpec, list_crops, load_embeddings
+from facepipe.io.images import ImageDecodeError, is_image_path, read_image
+
+
+class QueryError(ValueError):
+    """The query cannot be turned into embeddings."""
+
+
+@dataclass
+class Queries:
+    names: list[str]
+    embeddings: np.ndarray  # (Q, D) float32
+    details: pd.DataFrame  # one row per query: "query" plus whatever locates it (box, det_score, ...)
+
+
+def spec_from_settings(settings: dict[str, Any]) -> EmbedSpec:
+    if not settings.get("model"):
+        raise QueryError("the gallery does not record which model made its embeddings; query with an embedding folder")
+    return EmbedSpec(
+        model=settings["model"], weights=settings.get("weights"), flip=bool(settings.get("flip", True)),
+        normalize=True, dtype="float32", options=dict(settings.get("options") or {}),
+    )
+
+
+def is_embedding_dir(path: Path) -> bool:
+    return path.is_dir() and (path / MANIFEST_NAME).is_file() and (path / RUN_FILE).is_file() and (path / "shards").is_dir()
+
+
+def embed_query(
+    query: str | os.PathLike,
+    settings: dict[str, Any],
+    detector: str = "retinaface",
+    detector_weights: str | None = None,
+    device: str = "cpu",
+    batch_size: int = 64,
+) -> Queries:
+    query = Path(query)
+    if is_embedding_dir(query):
+        matrix, manifest = load_embeddings(query)
+        keep = (manifest["status"] == "ok").to_numpy()
+        names = manifest.loc[keep, "path"].tolist()
+        details = pd.DataFrame({"query": names, "query_identity": manifest.loc[keep, "identity"].tolist()})
+        return Queries(names, np.asarray(matrix, dtype=np.float32)[keep], details)
+    spec = spec_from_settings(settings)
+    if query.is_dir():
+        rel_paths = list_crops(query)
+        if not rel_paths:
+            raise QueryError(f"no image files under {query}")
+        embedder = CropEmbedder(query, spec, device=device, batch_size=batch_size)
+        batch = embedder.embed_paths(rel_paths)
+        keep = np.array([s == "ok" for s in batch.status])
+        names = [p for p, k in zip(rel_paths, keep) if k]
+        details = pd.DataFrame({"query": names})
+        return Queries(names, batch.embeddings[keep].astype(np.float32), details)
+    if is_image_path(query):
+        return _embed_image(query, spec, detector, detector_weights, device, batch_size)
+    raise QueryError(f"{query}: not an image, a folder of aligned crops, or an embedding folder")
+
+
+def _embed_image(path: Path, spec: EmbedSpec, detector_name: str, detector_weights: str | None, device: str, batch_size: int) -> Queries:
+    from facepipe.alignment.similarity import align_faces
+    from facepipe.detection.base import create_detector
+
+    try:
+        image = read_image(path)
+    except ImageDecodeError as exc:
+        raise QueryError(f"{path}: {exc}") from exc
+    faces = create_detector(detector_name, weights=detector_weights, device=device).detect([image])[0]
+    faces = [f for f in faces if f.score >= 0.5]
+    if not faces:
+        return Queries([], np.zeros((0, 0), dtype=np.float32), pd.DataFrame({"query": []}))
+    embedder = CropEmbedder(path.parent, spec, device=device, batch_size=batch_size)
+    size = embedder.embedder.config.input_size or (112, 112)  # type: ignore[attr-defined]
+    crops = align_faces([image], [faces], size[0] if size[0] == size[1] else size)[0]
+    raw = embedder.embedder.embed(crops, flip=spec.flip)
+    names = [f"{path.name}#{i}" for i in range(len(faces))]
+    details = pd.DataFrame(
+        {
+            "query": names,
+            "query_box": [[round(float(v), 1) for v in f.box] for f in faces],
+            "query_det_score": [f.score for f in faces],
+        }
+    )
+    return Queries(names, raw.astype(np.float32), details)
