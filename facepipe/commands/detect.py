@@ -94,6 +94,18 @@ def detect_batch(detector, images: list[np.ndarray]) -> list[list[Face] | Except
     return results
 
 
+def detector_options(detector: str, batch_size: int, threshold: float | None = None, scale: str = "original") -> dict:
+    """Factory options for ``create_detector``; only RetinaFace takes a score threshold and a scale policy."""
+    options: dict = {"batch_size": batch_size}
+    if detector.startswith("retinaface"):
+        options["scale"] = scale
+        if threshold is not None:
+            options["threshold"] = threshold
+    elif scale != "original":
+        raise click.UsageError(f"--scale {scale} is only available for the RetinaFace detectors")
+    return options
+
+
 def _visual_path(root: Path, relative: Path) -> Path:
     suffix = relative.suffix.lower()
     return root / (relative if suffix in IMAGE_EXTENSIONS and suffix not in {".tif", ".tiff"} else relative.with_suffix(".png"))
@@ -139,7 +151,8 @@ def detect(
     sources = collect_inputs(inputs)
     if not sources:
         raise click.UsageError("no image files found in the given inputs")
-    model = create_detector(detector, weights=weights, device=resolve_device(device), threshold=threshold)
+    options = detector_options(detector, batch_size, threshold)
+    model = create_detector(detector, weights=weights, device=resolve_device(device), **options)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")

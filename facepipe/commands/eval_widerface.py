@@ -18,7 +18,7 @@ from facepipe.commands.common import (
     set_threads,
     threads_option,
 )
-from facepipe.commands.detect import InputImage, detect_batch, iter_loaded_batches
+from facepipe.commands.detect import InputImage, detect_batch, detector_options, iter_loaded_batches
 from facepipe.evaluation import widerface as wider
 from facepipe.io.images import list_images
 
@@ -159,7 +159,8 @@ def _detect_into(
     from facepipe.detection import create_detector
 
     set_threads(threads)
-    model = create_detector(detector, weights=weights, device=device, threshold=EVAL_SCORE_THRESHOLD, scale=scale)
+    options = detector_options(detector, batch_size, EVAL_SCORE_THRESHOLD, scale)
+    model = create_detector(detector, weights=weights, device=device, **options)
     with tqdm(total=len(sources), unit="img", desc="WIDER detect") as progress:
         for batch in iter_loaded_batches(sources, batch_size):
             broken = [item for item in batch if item.error is not None]
