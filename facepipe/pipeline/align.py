@@ -320,7 +320,7 @@ def run_align(
     out_dir.mkdir(parents=True, exist_ok=True)
     store.start(
         {
-            "config": config.output_settings(),
+            **config.output_settings(),
             "sink": sink_kind,
             "chunk_size": chunk_size,
             "inputs": len(items),

@@ -120,8 +120,8 @@ class RecordIOSink:
 
     Chunks go to ``shards/chunk-NNNNNN.rec`` (records carry their label and item index); ``finish`` merges
     them, in chunk order, into one insightface-layout file (header record 0, identity ranges) and removes the
-    shards. Identity labels: the source's label (RecordIO input) or the index of the item's folder among the
-    input's sorted folders.
+    shards. Identity labels: the source's label (RecordIO input) or the folder's rank of first appearance
+    in the input (``labels.tsv`` maps labels to folders).
     """
 
     kind = "recordio"
@@ -156,10 +156,14 @@ class RecordIOSink:
 
 
 def identity_labels(items: Sequence[Item]) -> dict[str, int]:
-    """Identity folder -> label: the source's labels when it has them, else folders numbered in sorted order."""
+    """Identity folder -> label: the source's labels when it has them, else folders numbered in the order they
+    first appear among the (sorted) items, so labels ascend through the output."""
     if items and all(item.label >= 0 for item in items):
         return {item.identity: item.label for item in items}
-    return {identity: label for label, identity in enumerate(sorted({item.identity for item in items}))}
+    labels: dict[str, int] = {}
+    for item in items:
+        labels.setdefault(item.identity, len(labels))
+    return labels
 
 
 def create_sink(kind: str, root: str | os.PathLike, staging_dir: str | os.PathLike) -> Sink:
