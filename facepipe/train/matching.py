@@ -94,9 +94,10 @@ def match(
     forced_priors = best_prior_idx[valid]
     best_face_iou[forced_priors] = 2.0  # above any threshold
     # The reference also re-assigns the best prior of ignored faces (its loop runs over all faces), which can
-    # steal a prior from a valid face; only valid faces are forced here. Later faces win ties, as there.
-    for face in torch.nonzero(valid).flatten().tolist():
-        best_face_idx[best_prior_idx[face]] = face
+    # steal a prior from a valid face; only valid faces are forced here. When two faces share a best prior
+    # the later one wins, as in the reference loop ("amax" keeps that deterministic on every device).
+    valid_faces = torch.nonzero(valid).flatten()
+    best_face_idx.scatter_reduce_(0, forced_priors, valid_faces, reduce="amax", include_self=False)
     prior_labels = labels.to(torch.long)[best_face_idx]
     prior_labels[best_face_iou < config.positive_iou] = 0
     return MatchedTargets(

@@ -107,3 +107,12 @@ def test_every_valid_face_gets_a_positive_on_real_priors():
     ious = box_iou(decoded, faces)
     assert torch.allclose(ious.max(dim=1).values, torch.ones(len(positives)), atol=1e-5)
     assert set(ious.argmax(dim=1).tolist()) == set(range(20))
+
+
+def test_two_faces_sharing_a_best_prior_later_face_wins_as_in_reference():
+    priors = _priors([0.1, 0.1, 0.2, 0.2], [0.9, 0.9, 0.1, 0.1])
+    a = torch.tensor([0.0, 0.0, 0.2, 0.2])
+    b = torch.tensor([0.01, 0.01, 0.19, 0.19])
+    out = match(torch.stack([a, b]), torch.tensor([1.0, -1.0]), LANDMARKS.repeat(2, 1), priors)
+    assert out.labels.tolist() == [-1, 0]
+    torch.testing.assert_close(decode(out.boxes[:1], priors[:1]), b[None], atol=1e-6, rtol=0)

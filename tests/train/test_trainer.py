@@ -89,3 +89,15 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     assert straight.epoch_losses[1]["loss"] == pytest.approx(split.epoch_losses[-1]["loss"], rel=0, abs=0)
     with pytest.raises(CheckpointError, match="backbone"):
         Trainer(TrainConfig(backbone="resnet50", image_size=96), samples, tmp_path / "other").resume(tmp_path / "split" / "resume.pt")
+
+
+def test_batches_do_not_depend_on_the_number_of_workers(tmp_path):
+    samples = _wider_samples(4)
+    batches = {}
+    for workers in (0, 2):
+        config = TrainConfig(image_size=64, batch_size=2, epochs=1, num_workers=workers, seed=9)
+        trainer = Trainer(config, samples, tmp_path / f"w{workers}")
+        batches[workers] = list(trainer._loader(epoch=1))
+    for (images_a, targets_a), (images_b, targets_b) in zip(batches[0], batches[2]):
+        assert torch.equal(images_a, images_b)
+        assert all(torch.equal(a, b) for a, b in zip(targets_a, targets_b))
