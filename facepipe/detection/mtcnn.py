@@ -1,0 +1,516 @@
+"""MTCNN cascade with the exact semantics of facenet-pytorch 2.6.0 ``MTCNN.detect``, batched.
+
+The cascade (all arithmetic float32, as in the reference):
+
+1. Image pyramid: scales ``12/min_face_size * factor**k`` while the short side stays >= 12 px; each level
+   is resized to ``int(h*s + 1) x int(w*s + 1)`` with *area* interpolation (= torch ``interpolate(mode="area")``,
+   i.e. adaptive average pooling; computed here from an integral image, bit-identical and reusable for the
+   crops). P-Net proposes 12x12 cells (stride 2) with probability >= ``thresholds[0]``; NMS 0.5 per level,
+   NMS 0.7 per image, box regression (offsets times width/height without +1), squared.
+2. R-Net on 24x24 area-resized crops (crop rows ``trunc(y1)-1 .. trunc(y2)`` clamped to the image);
+   probability > ``thresholds[1]``; NMS 0.7; regression (offsets times width/height *with* +1); squared.
+3. O-Net on 48x48 crops; probability > ``thresholds[2]``; landmarks from the O-Net input box
+   (``x1 - 1 + (x2 - x1 + 1) * fraction``), then box regression, then the "Min" NMS (overlap divided by the
+   smaller area, +1 areas, keep when <= 0.7).
+
+NMS in stages 1-2 follows torchvision ``batched_nms``: IoU without +1, suppress when IoU > threshold, candidates
+visited by score descending with ties in index order, and torchvision's CPU switch to a per-group loop plus
+torch's (unstable) re-sort above 1000 boxes. Tie order matters: boxes whose truncated crops coincide get
+identical R/O-Net scores, and the tie decides which survives. Each image is processed on its own numbers, so
+results for an image do not depend on what else is in the batch (the reference runs one NMS over all images
+of a batch, which can change its batched results; its single-image calls are the parity target). R-Net and
+O-Net run in chunks of 512 crops, as the reference does.
+
+Batching: the P-Net runs once per pyramid level on all same-size images of a chunk; R-Net and O-Net run on
+the crops of all images of the chunk together. Images of different sizes are grouped by size.
+
+Output order: ``order="score"`` (default, the ``Detector`` protocol) sorts by probability descending;
+``order="area"`` reproduces facenet-pytorch's ``select_largest=True`` order (box area descending), which the
+parity tests use.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+
+from facepipe.models.checkpoint import CheckpointError, load_state_dict_strict, read_state_dict
+from facepipe.models.mtcnn import DEFAULT_WEIGHTS, ONet, PNet, RNet, checkpoint_filter, normalize_rgb
+from facepipe.types import Face
+from facepipe.weights import bundled
+
+Order = Literal["score", "area"]
+PNET_CELL = 12
+PNET_STRIDE = 2
+RNET_SIZE = 24
+ONET_SIZE = 48
+
+
+# ----------------------------------------------------------------------------------------------- input
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """BGR / BGRA / grey uint8 image -> contiguous RGB ``(H, W, 3)`` uint8 (the networks' colour order)."""
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"expected a numpy image, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got dtype {image.dtype}")
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        raise ValueError(f"expected an (H, W, 3) BGR image, got shape {image.shape}")
+    if image.shape[2] == 1:
+        return np.ascontiguousarray(np.repeat(image, 3, axis=2))
+    return np.ascontiguousarray(image[:, :, 2::-1])  # BGR(A) -> RGB, alpha dropped
+
+
+# ------------------------------------------------------------------------------------- area resizing
+
+
+class IntegralImage:
+    """Summed-area table of an RGB uint8 image for exact area (adaptive average pooling) resizing.
+
+    Stored as uint32 with wrap-around: differences of wrapped prefix sums are exact modulo 2**32, and every
+    window sum of a real image is far below that, so window sums are exact integers with half the memory of
+    float64. Window sums are divided as ``float32(sum) / rows / cols`` - the same two roundings torch's
+    adaptive average pooling makes, so the pixels are bit-identical to ``interpolate(mode="area")``.
+    """
+
+    def __init__(self, rgb: np.ndarray) -> None:
+        self.height, self.width = rgb.shape[:2]
+        table = np.zeros((self.height + 1, self.width + 1, 3), dtype=np.uint32)
+        np.cumsum(rgb, axis=0, dtype=np.uint32, out=table[1:, 1:])
+        np.cumsum(table[1:, 1:], axis=1, dtype=np.uint32, out=table[1:, 1:])
+        self.table = table
+
+    def resize(self, out_height: int, out_width: int) -> np.ndarray:
+        """The whole image area-resized to ``(out_height, out_width, 3)`` float32."""
+        y0, y1 = _windows(np.zeros(1, np.int64), np.array([self.height]), out_height)
+        x0, x1 = _windows(np.zeros(1, np.int64), np.array([self.width]), out_width)
+        # Separable gathers: whole rows first (cheap contiguous copies), then columns of the smaller result.
+        row_sums = self.table[y1[0]] - self.table[y0[0]]
+        sums = row_sums[:, x1[0]] - row_sums[:, x0[0]]
+        return _average(sums, (y1[0] - y0[0])[:, None, None], (x1[0] - x0[0])[:, None])
+
+    def crops(self, top: np.ndarray, bottom: np.ndarray, left: np.ndarray, right: np.ndarray, size: int) -> np.ndarray:
+        """Rows ``top:bottom``, columns ``left:right`` of each box, area-resized to ``(K, size, size, 3)`` float32."""
+        y0, y1 = _windows(top, bottom, size)
+        x0, x1 = _windows(left, right, size)
+        flat = self.table.reshape(-1, 3)
+        stride = self.width + 1
+
+        def corner(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+            return flat[(rows * stride)[:, :, None] + cols[:, None, :]]
+
+        sums = corner(y1, x1) - corner(y0, x1) - corner(y1, x0) + corner(y0, x0)  # uint32, wraps exactly
+        return _average(sums, (y1 - y0)[:, :, None, None], (x1 - x0)[:, None, :, None])
+
+
+def _average(sums: np.ndarray, window_rows: np.ndarray, window_cols: np.ndarray) -> np.ndarray:
+    """Window sums -> means, dividing by rows then columns in float32 like torch's adaptive average pooling.
+
+    ``window_rows`` / ``window_cols`` are window heights / widths already shaped to broadcast against ``sums``.
+    """
+    return sums.astype(np.float32) / window_rows.astype(np.float32) / window_cols.astype(np.float32)
+
+
+def _windows(start: np.ndarray, stop: np.ndarray, out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Adaptive-pooling windows: output ``i`` of a span of ``n`` averages ``[floor(i*n/out), ceil((i+1)*n/out))``."""
+    n = (stop - start).astype(np.int64)[:, None]
+    i = np.arange(out, dtype=np.int64)[None, :]
+    return start[:, None] + (i * n) // out, start[:, None] + ((i + 1) * n + out - 1) // out
+
+
+# ------------------------------------------------------------------------------------------------ NMS
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Greedy NMS with torchvision semantics: float32 IoU without +1, suppress when IoU > threshold.
+
+    Candidates are visited by score descending, ties in index order; returns kept indices in that order.
+    """
+    order = np.argsort(-scores, kind="stable")
+    x1, y1, x2, y2 = (boxes[:, k] for k in range(4))
+    areas = (x2 - x1) * (y2 - y1)
+    keep: list[int] = []
+    while order.size:
+        i, rest = order[0], order[1:]
+        keep.append(int(i))
+        w = np.maximum(np.float32(0), np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
+        h = np.maximum(np.float32(0), np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
+        inter = w * h
+        with np.errstate(invalid="ignore", divide="ignore"):
+            iou = inter / (areas[i] + areas[rest] - inter)
+        # torchvision compares the float32 IoU in double; NaN (degenerate boxes) never suppresses.
+        order = rest[~(iou.astype(np.float64) > threshold)]
+    return np.asarray(keep, dtype=np.int64)
+
+
+# torchvision's CPU batched_nms switches strategy above this many boxes (4000 coordinates); the strategies order
+# score ties differently, and tie order decides which of two equal-score boxes survives later, so we follow it.
+_TORCHVISION_PER_GROUP_MIN_BOXES = 1000
+
+
+def batched_nms(boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray, threshold: float) -> np.ndarray:
+    """NMS within each group, kept indices by score descending, exactly as torchvision ``batched_nms`` on CPU.
+
+    Up to 1000 boxes torchvision shifts each group by ``group * (max coordinate + 1)`` (float32) and runs one NMS,
+    so ties stay in index order. Above that it runs NMS per group and re-sorts the survivors with torch's
+    default (not stable) descending sort; we call the same sort so equal scores come out in the same order.
+    """
+    if len(boxes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    if len(boxes) <= _TORCHVISION_PER_GROUP_MIN_BOXES:
+        offsets = groups.astype(np.float32) * (boxes.max() + np.float32(1))
+        return nms(boxes + offsets[:, None], scores, threshold)
+    kept_mask = np.zeros(len(boxes), dtype=bool)
+    for group in np.unique(groups):
+        members = np.flatnonzero(groups == group)
+        kept_mask[members[nms(boxes[members], scores[members], threshold)]] = True
+    kept = np.flatnonzero(kept_mask)
+    ranking = torch.sort(torch.from_numpy(scores[kept]), descending=True).indices.numpy()
+    return kept[ranking]
+
+
+def nms_min(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
+    """facenet-pytorch's final "Min" NMS: overlap over the smaller (+1) area, keep when overlap <= threshold.
+
+    Candidates are taken from the end of numpy's default ascending argsort of the scores, as the reference
+    does, so that exact score ties resolve the same way.
+    """
+    x1, y1, x2, y2 = (boxes[:, k] for k in range(4))
+    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
+    order = np.argsort(scores)
+    keep: list[int] = []
+    while order.size:
+        i, rest = order[-1], order[:-1]
+        keep.append(int(i))
+        w = np.maximum(np.float32(0), np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + 1)
+        h = np.maximum(np.float32(0), np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + 1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            overlap = (w * h) / np.minimum(areas[i], areas[rest])
+        order = rest[overlap <= np.float32(threshold)]
+    return np.asarray(keep, dtype=np.int64)
+
+
+# -------------------------------------------------------------------------------------- box geometry
+
+
+def square(boxes: np.ndarray) -> np.ndarray:
+    """Grow each box to a square around its centre (side = longer side, no +1)."""
+    out = boxes.copy()
+    w = boxes[:, 2] - boxes[:, 0]
+    h = boxes[:, 3] - boxes[:, 1]
+    side = np.maximum(w, h)
+    out[:, 0] = boxes[:, 0] + w * np.float32(0.5) - side * np.float32(0.5)
+    out[:, 1] = boxes[:, 1] + h * np.float32(0.5) - side * np.float32(0.5)
+    out[:, 2] = out[:, 0] + side
+    out[:, 3] = out[:, 1] + side
+    return out
+
+
+def apply_regression(boxes: np.ndarray, offsets: np.ndarray, plus_one: bool) -> np.ndarray:
+    """Shift box edges by ``offsets`` times the box width/height (R/O stages use the +1 size convention)."""
+    one = np.float32(1 if plus_one else 0)
+    w = boxes[:, 2] - boxes[:, 0] + one
+    h = boxes[:, 3] - boxes[:, 1] + one
+    out = boxes.copy()
+    out[:, 0] = boxes[:, 0] + offsets[:, 0] * w
+    out[:, 1] = boxes[:, 1] + offsets[:, 1] * h
+    out[:, 2] = boxes[:, 2] + offsets[:, 2] * w
+    out[:, 3] = boxes[:, 3] + offsets[:, 3] * h
+    return out
+
+
+def crop_windows(boxes: np.ndarray, width: int, height: int) -> tuple[np.ndarray, ...]:
+    """1-based inclusive box edges truncated to ints and clamped to the image -> 0-based slices, plus validity."""
+    edges = boxes[:, :4].astype(np.int32)  # truncation toward zero, as the reference
+    left = np.maximum(edges[:, 0], 1) - 1
+    top = np.maximum(edges[:, 1], 1) - 1
+    right = np.minimum(edges[:, 2], width)
+    bottom = np.minimum(edges[:, 3], height)
+    valid = (bottom > top) & (right > left)
+    return top, bottom, left, right, valid
+
+
+def pyramid_scales(height: int, width: int, min_face_size: float, factor: float) -> list[float]:
+    scale = PNET_CELL / min_face_size
+    short_side = min(height, width) * scale
+    scales = []
+    while short_side >= PNET_CELL:
+        scales.append(scale)
+        scale *= factor
+        short_side *= factor
+    return scales
+
+
+# ------------------------------------------------------------------------------------------ detector
+
+
+@dataclass
+class _Candidates:
+    """Per-image state between stages: boxes ``(N, 4)`` float32 and their scores ``(N,)`` float32."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    landmarks: np.ndarray | None = None  # (N, 5, 2) after the O-Net
+
+    @classmethod
+    def empty(cls) -> "_Candidates":
+        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros((0, 5, 2), np.float32))
+
+    def take(self, index: np.ndarray) -> "_Candidates":
+        lmk = None if self.landmarks is None else self.landmarks[index]
+        return _Candidates(self.boxes[index], self.scores[index], lmk)
+
+
+class MTCNNDetector:
+    """The three-stage MTCNN cascade behind the ``Detector`` interface (BGR uint8 in, ``Face`` lists out)."""
+
+    name = "mtcnn"
+
+    def __init__(
+        self,
+        pnet: PNet,
+        rnet: RNet,
+        onet: ONet,
+        min_face_size: float = 20,
+        thresholds: Sequence[float] = (0.6, 0.7, 0.7),
+        factor: float = 0.709,
+        order: Order = "score",
+        device: str | torch.device = "cpu",
+        batch_size: int = 8,
+        crop_batch_size: int = 512,
+    ) -> None:
+        if min_face_size <= 0:
+            raise ValueError(f"min_face_size must be positive, got {min_face_size}")
+        if not 0 < factor < 1:
+            raise ValueError(f"factor must be in (0, 1), got {factor}")
+        if len(thresholds) != 3:
+            raise ValueError(f"thresholds must be 3 values (P, R, O-Net), got {thresholds}")
+        if order not in ("score", "area"):
+            raise ValueError(f"order must be 'score' or 'area', got {order!r}")
+        if batch_size < 1 or crop_batch_size < 1:
+            raise ValueError("batch sizes must be >= 1")
+        self.device = torch.device(device)
+        self.pnet = pnet.eval().to(self.device)
+        self.rnet = rnet.eval().to(self.device)
+        self.onet = onet.eval().to(self.device)
+        self.min_face_size = float(min_face_size)
+        self.thresholds = tuple(float(t) for t in thresholds)
+        self.factor = float(factor)
+        self.order: Order = order
+        self.batch_size = batch_size
+        self.crop_batch_size = crop_batch_size
+
+    # -------------------------------------------------------------------------------- public API
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
+        """Faces of each BGR image (grey and BGRA accepted), ordered by ``self.order``."""
+        if isinstance(images, np.ndarray) and images.ndim in (2, 3):
+            raise TypeError("detect takes a sequence of images; wrap a single image in a list")
+        rgbs = [to_rgb(image) for image in images]
+        results: list[list[Face]] = [[] for _ in rgbs]
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for index, rgb in enumerate(rgbs):
+            if rgb.shape[0] > 0 and rgb.shape[1] > 0:
+                by_size.setdefault(rgb.shape[:2], []).append(index)
+        for indices in by_size.values():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start:start + self.batch_size]
+                for index, faces in zip(chunk, self._detect_same_size([rgbs[i] for i in chunk])):
+                    results[index] = faces
+        return results
+
+    def detect_arrays(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """``(boxes (N, 4), probs (N,), points (N, 5, 2))`` float32 per image, like facenet-pytorch's ``detect``."""
+        out = []
+        for faces in self.detect(images):
+            boxes = np.array([f.box for f in faces], np.float32).reshape(-1, 4)
+            probs = np.array([f.score for f in faces], np.float32)
+            points = np.array([f.landmarks for f in faces], np.float32).reshape(-1, 5, 2)
+            out.append((boxes, probs, points))
+        return out
+
+    # -------------------------------------------------------------------------------- the cascade
+
+    @torch.inference_mode()
+    def _detect_same_size(self, rgbs: list[np.ndarray]) -> list[list[Face]]:
+        integrals = [IntegralImage(rgb) for rgb in rgbs]
+        candidates = self._propose(integrals)
+        candidates = self._refine(integrals, candidates)
+        candidates = self._output(integrals, candidates)
+        return [self._to_faces(c) for c in candidates]
+
+    def _propose(self, integrals: list[IntegralImage]) -> list[_Candidates]:
+        height, width = integrals[0].height, integrals[0].width
+        # Per image, rows [x1, y1, x2, y2, score, 4 offsets] that survive NMS 0.5 within their pyramid level.
+        rows: list[list[np.ndarray]] = [[] for _ in integrals]
+        threshold = np.float32(self.thresholds[0])
+        for scale in pyramid_scales(height, width, self.min_face_size, self.factor):
+            size = (int(height * scale + 1), int(width * scale + 1))
+            pixels = np.stack([integral.resize(*size) for integral in integrals])
+            offsets, probs = self.pnet(self._to_input(pixels))
+            offsets, probs = offsets.cpu().numpy(), probs.cpu().numpy()
+            scale32 = np.float32(scale)
+            for b in range(len(integrals)):
+                ys, xs = np.nonzero(probs[b] >= threshold)
+                if ys.size == 0:
+                    continue
+                cells = np.stack([xs, ys], axis=1).astype(np.float32)
+                corner1 = np.floor((PNET_STRIDE * cells + 1) / scale32)
+                corner2 = np.floor((PNET_STRIDE * cells + PNET_CELL) / scale32)
+                scores = probs[b, ys, xs]
+                level = np.concatenate([corner1, corner2, scores[:, None], offsets[b][:, ys, xs].T], axis=1)
+                rows[b].append(level[batched_nms(level[:, :4], scores, np.zeros(len(level), np.int64), 0.5)])
+
+        results = []
+        for image_rows in rows:
+            if not image_rows:
+                results.append(_Candidates.empty())
+                continue
+            found = np.concatenate(image_rows)  # level by level, each level by score: the order ties follow
+            found = found[batched_nms(found[:, :4], found[:, 4], np.zeros(len(found), np.int64), 0.7)]
+            boxes = square(apply_regression(found[:, :4], found[:, 5:9], plus_one=False))
+            results.append(_Candidates(boxes, found[:, 4].copy()))
+        return results
+
+    def _refine(self, integrals: list[IntegralImage], candidates: list[_Candidates]) -> list[_Candidates]:
+        candidates, crops = self._crops(integrals, candidates, RNET_SIZE)
+        outputs = self._run_on_crops(self.rnet, crops)
+        results = []
+        threshold = np.float32(self.thresholds[1])
+        for cand, (offsets, probs) in zip(candidates, _split(outputs, [len(c.scores) for c in candidates])):
+            passed = probs > threshold
+            cand = _Candidates(cand.boxes[passed], probs[passed])
+            offsets = offsets[passed]
+            keep = batched_nms(cand.boxes, cand.scores, np.zeros(len(cand.scores), np.int64), 0.7)
+            cand, offsets = cand.take(keep), offsets[keep]
+            results.append(_Candidates(square(apply_regression(cand.boxes, offsets, plus_one=True)), cand.scores))
+        return results
+
+    def _output(self, integrals: list[IntegralImage], candidates: list[_Candidates]) -> list[_Candidates]:
+        candidates, crops = self._crops(integrals, candidates, ONET_SIZE)
+        outputs = self._run_on_crops(self.onet, crops)
+        results = []
+        threshold = np.float32(self.thresholds[2])
+        for cand, (offsets, fractions, probs) in zip(candidates, _split(outputs, [len(c.scores) for c in candidates])):
+            passed = probs > threshold
+            boxes, scores, offsets, fractions = cand.boxes[passed], probs[passed], offsets[passed], fractions[passed]
+            # Landmarks are placed in the O-Net input box (before its own regression), 1-based like the boxes.
+            w = boxes[:, 2:3] - boxes[:, 0:1] + 1
+            h = boxes[:, 3:4] - boxes[:, 1:2] + 1
+            xs = w * fractions[:, :5] + boxes[:, 0:1] - 1
+            ys = h * fractions[:, 5:] + boxes[:, 1:2] - 1
+            landmarks = np.stack([xs, ys], axis=2)
+            boxes = apply_regression(boxes, offsets, plus_one=True)
+            keep = nms_min(boxes, scores, 0.7)
+            results.append(_Candidates(boxes[keep], scores[keep], landmarks[keep]))
+        return results
+
+    # -------------------------------------------------------------------------------- helpers
+
+    def _to_input(self, nhwc: np.ndarray) -> torch.Tensor:
+        # NHWC memory viewed as NCHW (channels-last), the layout the reference feeds its networks.
+        return normalize_rgb(torch.from_numpy(nhwc).to(self.device).permute(0, 3, 1, 2))
+
+    def _crops(
+        self, integrals: list[IntegralImage], candidates: list[_Candidates], size: int
+    ) -> tuple[list[_Candidates], np.ndarray]:
+        """Area-resized crops of every candidate of every image, dropping boxes that lie outside the image."""
+        kept, crops = [], []
+        for integral, cand in zip(integrals, candidates):
+            top, bottom, left, right, valid = crop_windows(cand.boxes, integral.width, integral.height)
+            cand = cand.take(np.flatnonzero(valid))
+            kept.append(cand)
+            if valid.any():
+                crops.append(integral.crops(top[valid], bottom[valid], left[valid], right[valid], size))
+        if not crops:
+            return kept, np.zeros((0, size, size, 3), np.float32)
+        return kept, np.concatenate(crops)
+
+    def _run_on_crops(self, net: torch.nn.Module, crops: np.ndarray) -> list[np.ndarray]:
+        if len(crops) == 0:
+            shapes = [(0, 4), (0, 10), (0,)] if isinstance(net, ONet) else [(0, 4), (0,)]
+            return [np.zeros(shape, np.float32) for shape in shapes]
+        chunks = [
+            [t.cpu().numpy() for t in net(self._to_input(crops[i:i + self.crop_batch_size]))]
+            for i in range(0, len(crops), self.crop_batch_size)
+        ]
+        return [np.concatenate(parts) for parts in zip(*chunks)]
+
+    def _to_faces(self, cand: _Candidates) -> list[Face]:
+        if self.order == "area":
+            # facenet-pytorch select_largest=True: numpy's default argsort of float32 areas, reversed.
+            areas = (cand.boxes[:, 2] - cand.boxes[:, 0]) * (cand.boxes[:, 3] - cand.boxes[:, 1])
+            ranking = np.argsort(areas)[::-1]
+        else:
+            ranking = np.argsort(-cand.scores, kind="stable")
+        assert cand.landmarks is not None
+        return [Face(cand.boxes[i], float(cand.scores[i]), cand.landmarks[i]) for i in ranking]
+
+
+def _split(outputs: list[np.ndarray], counts: list[int]) -> list[list[np.ndarray]]:
+    bounds = np.cumsum([0] + counts)
+    return [[out[a:b] for out in outputs] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+# ------------------------------------------------------------------------------------------- weights
+
+
+def _mtcnn_state_dicts(weights: str | os.PathLike | None) -> dict[str, dict[str, torch.Tensor]]:
+    """P/R/O-Net state dicts from the bundled files, a folder, or one combined file.
+
+    A folder holds facenet-pytorch's ``{pnet,rnet,onet}.pt`` (its ``data/`` folder) or our
+    ``mtcnn_{pnet,rnet,onet}.pt``; a single file is a saved ``facenet_pytorch.MTCNN`` state dict whose
+    keys start with ``pnet.``, ``rnet.``, ``onet.``.
+    """
+    nets = ("pnet", "rnet", "onet")
+    if weights is None:
+        return {net: read_state_dict(bundled(DEFAULT_WEIGHTS[net])) for net in nets}
+    path = Path(weights)
+    if path.is_dir():
+        files = {}
+        for net in nets:
+            options = [path / f"{net}.pt", path / DEFAULT_WEIGHTS[net]]
+            existing = [p for p in options if p.is_file()]
+            if not existing:
+                raise CheckpointError(f"no {net} weights in {path}: expected {options[0].name} or {options[1].name}")
+            files[net] = existing[0]
+        return {net: read_state_dict(file) for net, file in files.items()}
+    combined = read_state_dict(path)
+    split: dict[str, dict[str, torch.Tensor]] = {net: {} for net in nets}
+    for key, value in combined.items():
+        net, _, rest = key.partition(".")
+        if net not in split or not rest:
+            raise CheckpointError(
+                f"{path} is not a combined MTCNN state dict: key {key!r} does not start with pnet./rnet./onet."
+            )
+        split[net][rest] = value
+    return split
+
+
+def load_mtcnn_nets(weights: str | os.PathLike | None = None) -> tuple[PNet, RNet, ONet]:
+    """Build the three nets and load their weights strictly (see ``_mtcnn_state_dicts`` for accepted layouts)."""
+    state_dicts = _mtcnn_state_dicts(weights)
+    nets = {"pnet": PNet(), "rnet": RNet(), "onet": ONet()}
+    source = "bundled MTCNN weights" if weights is None else str(weights)
+    for name, net in nets.items():
+        sd = checkpoint_filter(state_dicts[name], net)
+        load_state_dict_strict(net, sd, source=f"{source} [{name}]")
+    return nets["pnet"], nets["rnet"], nets["onet"]  # type: ignore[return-value]
+
+
+def create_mtcnn(weights: str | os.PathLike | None = None, device: str = "cpu", **options) -> MTCNNDetector:
+    """Factory behind ``create_detector("mtcnn")``.
+
+    Options: ``min_face_size`` (20), ``thresholds`` ((0.6, 0.7, 0.7)), ``factor`` (0.709),
+    ``order`` ("score" | "area"), ``batch_size`` (images per P-Net batch, 8), ``crop_batch_size`` (512).
+    """
+    pnet, rnet, onet = load_mtcnn_nets(weights)
+    return MTCNNDetector(pnet, rnet, onet, device=device, **options)
