@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -56,15 +55,14 @@ def draw_faces(image: np.ndarray, faces: Sequence[Face], show_scores: bool = Tru
 def save_image(path: str | os.PathLike, image: np.ndarray) -> None:
     """Encode by the file extension and write atomically (a crash leaves no half-written picture)."""
     path = Path(path)
-    ok, encoded = cv2.imencode(path.suffix or ".jpg", image)
+    ok, encoded = cv2.imencode((path.suffix or ".jpg").lower(), image)
     if not ok:
         raise ValueError(f"cannot encode an image as {path.suffix!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(encoded.tobytes())
+        tmp.write_bytes(encoded.tobytes())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise

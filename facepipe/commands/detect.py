@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,10 +154,10 @@ def detect(
     model = create_detector(detector, weights=weights, device=resolve_device(device), **options)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
+    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
     n_faces = n_errors = 0
     try:
-        with os.fdopen(fd, "w") as handle, tqdm(total=len(sources), unit="img", desc="detect") as progress:
+        with open(partial, "w") as handle, tqdm(total=len(sources), unit="img", desc="detect") as progress:
             for batch in iter_loaded_batches(sources, batch_size):
                 images = [item.image for item in batch if item.image is not None]
                 results = iter(detect_batch(model, images) if images else [])
@@ -179,8 +178,8 @@ def detect(
                     n_errors += "error" in record
                     handle.write(json.dumps(record) + "\n")
                 progress.update(len(batch))
-        os.replace(tmp_name, out)
+        os.replace(partial, out)
     except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
         raise
     click.echo(f"{len(sources)} images, {n_faces} faces, {n_errors} errors -> {out}", err=True)

@@ -21,7 +21,6 @@ its ``.mat`` lists filtered to the subset. The upstream ``rstrip('.jpg')`` name 
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -174,7 +173,7 @@ def write_prediction_file(path: str | os.PathLike, rows: np.ndarray) -> None:
     rows = np.asarray(rows, dtype=np.float64).reshape(-1, 5)
     lines = [path.stem, str(len(rows))]
     lines += [" ".join(_format_value(v) for v in row) + " " for row in rows]
-    _atomic_write_text(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def read_prediction_file(path: str | os.PathLike) -> tuple[str, np.ndarray]:
@@ -243,15 +242,16 @@ def _split_key(key: str) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write via a temporary file in the same folder and a rename, so readers never see half a file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        tmp.write_text(text)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
