@@ -105,6 +105,16 @@ def detector_options(detector: str, batch_size: int, threshold: float | None = N
     return options
 
 
+def build_detector(name: str, weights: str | None, device: str, **options):
+    """``create_detector`` with configuration problems (bad weights file, wrong option) as CLI errors."""
+    from facepipe.detection import create_detector
+
+    try:
+        return create_detector(name, weights=weights, device=resolve_device(device), **options)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:  # CheckpointError is a ValueError
+        raise click.ClickException(f"cannot build detector {name!r}: {exc}") from None
+
+
 def _visual_path(root: Path, relative: Path) -> Path:
     suffix = relative.suffix.lower()
     return root / (relative if suffix in IMAGE_EXTENSIONS and suffix not in {".tif", ".tiff"} else relative.with_suffix(".png"))
@@ -143,15 +153,13 @@ def detect(
     "landmarks": [[x, y] x 5]}]}; an unreadable image gets {"path", "error"} and the run goes on. The file
     appears under its name only when the run is complete.
     """
-    from facepipe.detection import create_detector
     from facepipe.visualize import draw_faces, save_image
 
     set_threads(threads)
     sources = collect_inputs(inputs)
     if not sources:
         raise click.UsageError("no image files found in the given inputs")
-    options = detector_options(detector, batch_size, threshold)
-    model = create_detector(detector, weights=weights, device=resolve_device(device), **options)
+    model = build_detector(detector, weights, device, **detector_options(detector, batch_size, threshold))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.{os.getpid()}.partial")

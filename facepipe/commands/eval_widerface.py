@@ -13,11 +13,10 @@ from facepipe.commands.common import (
     detector_option,
     detector_weights_option,
     device_option,
-    resolve_device,
     set_threads,
     threads_option,
 )
-from facepipe.commands.detect import InputImage, detect_batch, detector_options, iter_loaded_batches
+from facepipe.commands.detect import InputImage, build_detector, detect_batch, detector_options, iter_loaded_batches
 from facepipe.evaluation import widerface as wider
 from facepipe.io.images import list_images
 
@@ -119,10 +118,16 @@ def widerface(
         missing = [s for s in sources if not wider.prediction_path(folder, wider.image_key(s.path)).is_file()]
         run_info = {"detector": detector, "weights": detector_weights, "scale": scale}
         if missing:
+            # Build the detector first: bad settings or weights must fail before the folder is claimed.
+            options = detector_options(detector, batch_size, EVAL_SCORE_THRESHOLD, scale)
+            set_threads(threads)
+            model = build_detector(detector, detector_weights, device, **options)
             _check_run_info(folder, run_info)
-            _detect_into(folder, missing, detector, detector_weights, scale, resolve_device(device), threads, batch_size)
+            _detect_into(folder, missing, model, batch_size)
         elif sources:
             click.echo(f"all {len(sources)} prediction files exist in {folder}: evaluating them", err=True)
+        info_path = folder / RUN_INFO_FILE
+        made_with = json.loads(info_path.read_text()) if info_path.is_file() else {}
         try:
             predictions = wider.read_predictions(folder)
             result = wider.evaluate(predictions, ground_truth, images=keys)
@@ -130,27 +135,12 @@ def widerface(
             raise click.ClickException(str(exc)) from None
 
     report = {**result.to_dict(), "predictions": None if prediction_dir is None else str(prediction_dir)}
-    if missing:
-        report.update(run_info)
+    report.update(made_with)
     _write_json_atomic(out, report)
     click.echo(result.table())
 
 
-def _detect_into(
-    folder: Path,
-    sources: list[InputImage],
-    detector: str,
-    weights: str | None,
-    scale: str,
-    device: str,
-    threads: int | None,
-    batch_size: int,
-) -> None:
-    from facepipe.detection import create_detector
-
-    set_threads(threads)
-    options = detector_options(detector, batch_size, EVAL_SCORE_THRESHOLD, scale)
-    model = create_detector(detector, weights=weights, device=device, **options)
+def _detect_into(folder: Path, sources: list[InputImage], model, batch_size: int) -> None:
     with tqdm(total=len(sources), unit="img", desc="WIDER detect") as progress:
         for batch in iter_loaded_batches(sources, batch_size):
             broken = [item for item in batch if item.error is not None]

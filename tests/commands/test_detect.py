@@ -168,3 +168,20 @@ def test_no_images_is_a_usage_error(tmp_path):
     result = CliRunner().invoke(main, ["detect", str(tmp_path / "empty"), "--out", str(tmp_path / "d.jsonl")])
     assert result.exit_code == 2 and "no image files" in result.output
     assert not (tmp_path / "d.jsonl").exists()
+
+
+def test_bad_weights_file_is_a_clear_error(tmp_path, image_folder):
+    weights = tmp_path / "not_weights.pth"
+    weights.write_bytes(b"this is not a checkpoint")
+    out = tmp_path / "d.jsonl"
+    result = CliRunner().invoke(main, ["detect", str(image_folder / "t1.jpg"), "--out", str(out), "--weights", str(weights)])
+    assert result.exit_code == 1 and "cannot build detector 'retinaface'" in result.output
+    assert not out.exists()
+
+
+def test_mtcnn_detector_through_the_cli(tmp_path, image_folder):
+    out = tmp_path / "d.jsonl"
+    result = _run([str(image_folder / "t1.jpg"), "--out", str(out), "--detector", "mtcnn", "--threshold", "0.95"])
+    assert result.exit_code == 0, result.output
+    faces = _lines(out)["t1.jpg"]["faces"]
+    assert len(faces) == 6 and all(f["score"] >= 0.95 for f in faces)  # the 6 large faces (MTCNN golden)

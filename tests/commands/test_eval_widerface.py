@@ -66,7 +66,8 @@ def test_detects_writes_predictions_and_reports(tmp_path, wider_subset):
     )
     assert again.exit_code == 0, again.output
     assert "evaluating them" in again.output
-    assert json.loads((tmp_path / "again.json").read_text())["hard"] == data["hard"]
+    again_report = json.loads((tmp_path / "again.json").read_text())
+    assert again_report["hard"] == data["hard"] and again_report["detector"] == "retinaface"  # from the folder
 
     # predictions only (no images): the images with a file are evaluated
     only = _invoke("--gt", str(gt_dir), "--predictions", str(predictions), "--out", str(tmp_path / "only.json"))
@@ -84,6 +85,16 @@ def test_refuses_to_mix_settings_or_foreign_files(tmp_path, wider_subset):
     mixed = _invoke("--images", str(wider_subset), "--gt", str(gt_dir), "--predictions", str(predictions), "--out", str(tmp_path / "r.json"))
     assert mixed.exit_code == 2 and "'scale': 'fixed'" in mixed.output
     assert not (tmp_path / "r.json").exists()
+
+
+def test_unsupported_settings_fail_before_claiming_the_folder(tmp_path, wider_subset):
+    predictions = tmp_path / "pred"
+    result = _invoke(
+        "--images", str(wider_subset), "--gt", str(shared_path("widerface")), "--predictions", str(predictions),
+        "--out", str(tmp_path / "r.json"), "--detector", "mtcnn", "--scale", "fixed",
+    )
+    assert result.exit_code == 2 and "only available for the RetinaFace" in result.output
+    assert not (predictions / "facepipe_run.json").exists()
 
 
 def test_clear_errors_for_bad_inputs(tmp_path, wider_subset):
