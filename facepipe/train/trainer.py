@@ -3,7 +3,8 @@
 Output directory layout (``--out``):
 
 * ``config.json``               -- the run's ``TrainConfig``
-* ``log.jsonl``                 -- one line per logged iteration (epoch, step, lr, loss parts, seconds/iter)
+* ``log.jsonl``                 -- one line per logged iteration (epoch, step, lr, loss parts, ``seconds`` of
+  forward/backward/step and ``data_seconds`` spent waiting for the DataLoader)
 * ``epochs.csv``                -- mean losses per epoch
 * ``weights/epoch_NNN.pth``     -- plain state dicts in the Pytorch_Retinaface key layout (300 keys for
   mobilenet0.25): load with ``create_detector("retinaface", weights=...)`` or the reference ``detect.py``;
@@ -249,6 +250,7 @@ class Trainer:
                 sums: dict[str, float] = {}
                 count = 0
                 loader = self._loader(epoch)
+                previous_end = time.perf_counter()
                 bar = tqdm(total=iters, desc=f"epoch {epoch + 1}/{end_epoch}", disable=not show_progress, leave=False)
                 for step_in_epoch, (images, targets) in enumerate(loader):
                     if step_in_epoch >= iters:
@@ -259,16 +261,19 @@ class Trainer:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
                     seconds = time.perf_counter() - started
+                    data_seconds = started - previous_end  # waiting for the DataLoader (decode + augment)
                     step_seconds.append(seconds)
                     for key, value in record.items():
                         sums[key] = sums.get(key, 0.0) + value
                     count += 1
                     if self.global_step % config.log_every == 0:
-                        entry = {"epoch": epoch, "step": self.global_step, "lr": lr, "seconds": round(seconds, 4), **record}
+                        entry = {"epoch": epoch, "step": self.global_step, "lr": lr, "seconds": round(seconds, 4),
+                                 "data_seconds": round(data_seconds, 4), **record}
                         log.write(json.dumps(entry) + "\n")
                         log.flush()
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.1e}")
                     bar.update(1)
+                    previous_end = time.perf_counter()
                 bar.close()
                 means = {key: value / max(count, 1) for key, value in sums.items()}
                 means["epoch"] = epoch
