@@ -55,6 +55,7 @@ class WiderImage:
 @dataclass(frozen=True)
 class WiderGroundTruth:
     images: tuple[WiderImage, ...]  # in .mat order (events, then files)
+    _by_key: dict[str, WiderImage] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_key", {image.key: image for image in self.images})
@@ -63,10 +64,10 @@ class WiderGroundTruth:
         return len(self.images)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._by_key  # type: ignore[attr-defined]
+        return key in self._by_key
 
     def __getitem__(self, key: str) -> WiderImage:
-        return self._by_key[key]  # type: ignore[attr-defined]
+        return self._by_key[key]
 
     @property
     def keys(self) -> list[str]:
@@ -75,7 +76,7 @@ class WiderGroundTruth:
     def subset(self, keys: Iterable[str]) -> "WiderGroundTruth":
         """The images named by ``keys`` (``"<event>/<name>"``), kept in .mat order."""
         wanted = set(keys)
-        unknown = sorted(wanted - set(self._by_key))  # type: ignore[attr-defined]
+        unknown = sorted(wanted - set(self._by_key))
         if unknown:
             shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
             raise WiderFormatError(f"{len(unknown)} image(s) are not in the WIDER ground truth: {shown}")
@@ -343,13 +344,14 @@ def evaluate(
     """
     keys = list(predictions) if images is None else list(images)
     subset = ground_truth.subset(keys)
-    for key, rows in predictions.items():
-        if np.asarray(rows).size and np.asarray(rows).reshape(-1, 5).shape[1] != 5:
-            raise WiderFormatError(f"predictions for {key} must have 5 columns (x, y, w, h, score)")
-    evaluated = {
-        image.key: np.asarray(predictions.get(image.key, np.zeros((0, 5))), dtype=np.float64).reshape(-1, 5)
-        for image in subset.images
-    }
+    evaluated = {}
+    for image in subset.images:
+        rows = np.asarray(predictions.get(image.key, np.zeros((0, 5))), dtype=np.float64)
+        if rows.size == 0:
+            rows = rows.reshape(0, 5)
+        if rows.ndim != 2 or rows.shape[1] != 5:
+            raise WiderFormatError(f"predictions for {image.key} must be (N, 5) x, y, w, h, score; got {rows.shape}")
+        evaluated[image.key] = rows
     normalized, score_range = normalize_scores(evaluated)
     thresholds = 1 - (np.arange(num_thresholds, dtype=np.float64) + 1) / num_thresholds
 

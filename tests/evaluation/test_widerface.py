@@ -127,6 +127,8 @@ def test_missing_ground_truth_and_unknown_images(tmp_path, ground_truth):
         W.load_ground_truth(tmp_path)
     with pytest.raises(W.WiderFormatError, match="not in the WIDER ground truth"):
         W.evaluate({"0--Parade/no_such_image": np.zeros((0, 5))}, ground_truth)
+    with pytest.raises(W.WiderFormatError, match=r"must be \(N, 5\)"):
+        W.evaluate({"0--Parade/0_Parade_marchingband_1_465": np.zeros((3, 4))}, ground_truth)
 
 
 def test_subset_counts_only_its_faces(ground_truth, golden_rows):
