@@ -2,11 +2,11 @@
 
 The per-batch work is ``AlignWorker(config, source).process(items)``: a plain, picklable object that decodes,
 detects, aligns and encodes a batch and returns one ``ItemResult`` (manifest row + encoded crops) per item.
-``run_align`` drives it locally: a pool of worker processes (each holding its own detector with
-``threads_per_worker`` torch threads, so that workers x threads = cores and nothing oversubscribes) fed a
-bounded number of batches, while the main process names and writes the outputs and commits the manifest
-chunk by chunk. Another engine (Ray) can map ``AlignWorker.process`` over the same items and reuse the sinks
-and the ``ManifestStore`` to produce the same outputs and manifest.
+``AlignRun`` holds the engine-independent part (fixed item order and chunks, what is left to do, naming,
+sink, manifest parts). ``run_align`` is the local engine: a pool of worker processes (each with its own
+detector and cores/workers threads, so nothing oversubscribes) fed a bounded number of batches, while the
+main process commits chunk by chunk. A Ray engine maps ``AlignWorker.process`` over the pending chunks'
+items and calls ``AlignRun.commit_chunk`` / ``AlignRun.finish``: same outputs, same manifest.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
@@ -242,22 +242,41 @@ class AlignWorker:
 
 
 _WORKER: AlignWorker | None = None
+_SETUP_ERROR: BaseException | None = None
 
 
 def _init_process(worker: AlignWorker, threads: int) -> None:
-    """Per-process thread budget: torch, OpenMP and OpenCV all limited to this worker's share of the cores."""
-    global _WORKER
+    """Per-process thread budget (torch, onnxruntime via torch's count, OpenMP, OpenCV: this worker's share of
+    the cores), then the detector. A setup failure (bad weights) is kept and raised with the first batch, so
+    the main process reports it instead of a bare broken pool."""
+    global _WORKER, _SETUP_ERROR
     os.environ["OMP_NUM_THREADS"] = str(threads)
     cv2.setNumThreads(1)
     import torch
 
     torch.set_num_threads(threads)
     _WORKER = worker
+    try:
+        worker.prepare()
+    except Exception as exc:  # noqa: BLE001 - re-raised in _process_in_pool
+        _SETUP_ERROR = exc
 
 
 def _process_in_pool(items: Sequence[Item]) -> list[ItemResult]:
+    if _SETUP_ERROR is not None:
+        raise _SETUP_ERROR
     assert _WORKER is not None, "worker process not initialised"
     return _WORKER.process(items)
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    # forkserver: workers fork from a clean server that imported torch once (no threads started, unlike this
+    # process), so each worker starts in a fraction of a spawn's time without fork's OpenMP hazards.
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["torch", "facepipe.detection", "facepipe.pipeline.align"])
+        return context
+    return multiprocessing.get_context("spawn")
 
 
 @dataclass
@@ -288,6 +307,79 @@ def default_workers(device: str) -> int:
     return 1 if device.startswith("cuda") else max(1, os.cpu_count() or 1)
 
 
+class AlignRun:
+    """The engine-independent state of one align job over ``out_dir``: the items in a fixed order, their chunks,
+    which chunks are still to do, the sink and the manifest store.
+
+    An engine (the local pool below, or Ray) only has to run ``AlignWorker(config, source).process`` over the
+    items of each pending chunk and hand the results to ``commit_chunk``; ``finish`` then completes the sink
+    and merges the manifest. Same items + same settings -> same chunks, names, outputs and manifest.
+    """
+
+    def __init__(
+        self,
+        config: AlignConfig,
+        source: Source,
+        out_dir: str | os.PathLike,
+        sink_kind: str = "dir",
+        manifest_path: str | os.PathLike | None = None,
+        chunk_size: int = 256,
+        overwrite: bool = False,
+    ) -> None:
+        if chunk_size < 1:
+            raise ValueError("chunk size must be at least 1")
+        self.config, self.source, self.sink_kind = config, source, sink_kind
+        self.out_dir = Path(out_dir)
+        self.manifest_path = Path(manifest_path) if manifest_path is not None else self.out_dir / "manifest.parquet"
+        items = source.items()
+        self.labels = identity_labels(items)
+        self.items = [replace(item, label=self.labels[item.identity]) if item.label < 0 else item for item in items]
+        if sink_kind == "recordio":
+            _check_grouped_by_identity(self.items)
+        self.suffix_keys = colliding_stems(self.items)
+        self.store = ManifestStore(self.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        settings = {
+            **config.output_settings(),
+            "sink": sink_kind,
+            "chunk_size": chunk_size,
+            "inputs": len(self.items),
+            "inputs_digest": _digest(item.key for item in self.items),
+        }
+        self.store.start(settings, overwrite=overwrite)
+        self.sink = create_sink(sink_kind, self.out_dir, self.store.staging_dir)
+        self.chunks = [self.items[i : i + chunk_size] for i in range(0, len(self.items), chunk_size)]
+        done = self.store.done_chunks()
+        self.pending = [] if self.sink.done() else [c for c in range(len(self.chunks)) if c not in done]
+        self.skipped = len(self.items) - sum(len(self.chunks[c]) for c in self.pending)
+        self.crops_written = 0
+
+    def commit_chunk(self, chunk_id: int, results: Sequence[ItemResult]) -> None:
+        """Name the chunk's crops, have the sink write them, then commit its manifest part (outputs first, so a
+        committed part implies its outputs)."""
+        chunk = self.chunks[chunk_id]
+        first_index = chunk[0].index
+        ordered = sorted(results, key=lambda r: r.row.index)
+        if [r.row.index for r in ordered] != [item.index for item in chunk]:
+            raise ValueError(f"chunk {chunk_id}: results do not cover exactly the chunk's items")
+        entries = []
+        for result in ordered:
+            item = chunk[result.row.index - first_index]
+            keep_all = self.config.keep == "all"
+            names = output_names(item, len(result.crops), keep_all, self.config.image_format, item.key in self.suffix_keys)
+            result.row.outputs = names
+            entries.extend((item, name, data) for name, data in zip(names, result.crops))
+        self.sink.write_chunk(chunk_id, entries)
+        self.store.commit_chunk(chunk_id, [r.row for r in ordered])
+        self.crops_written += len(entries)
+
+    def finish(self) -> dict[str, int]:
+        """Complete the sink (e.g. merge RecordIO shards), write the manifest; returns counts per status."""
+        self.sink.finish(self.labels)
+        table = self.store.merge(self.manifest_path)
+        return status_counts(table.column("status").to_pylist())
+
+
 def run_align(
     config: AlignConfig,
     source: Source,
@@ -299,66 +391,33 @@ def run_align(
     chunk_size: int = 256,
     overwrite: bool = False,
     progress: bool = True,
-    on_chunk_committed: Callable[[int], None] | None = None,
 ) -> AlignSummary:
-    """Align every item of ``source`` into ``out_dir``; resumable (finished chunks are skipped)."""
+    """Align every item of ``source`` into ``out_dir`` with the local engine; resumable (finished chunks are
+    skipped). ``workers=0`` runs in this process."""
     started = time.perf_counter()
-    out_dir = Path(out_dir)
-    manifest_path = Path(manifest_path) if manifest_path is not None else out_dir / "manifest.parquet"
     workers = default_workers(config.device) if workers is None else workers
-    if batch_size < 1 or chunk_size < 1:
-        raise ValueError("batch size and chunk size must be at least 1")
-
-    items = source.items()
-    labels = identity_labels(items)
-    items = [replace(item, label=labels[item.identity]) if item.label < 0 else item for item in items]
-    if sink_kind == "recordio":
-        _check_grouped_by_identity(items)
-    suffix_keys = colliding_stems(items)
-
-    store = ManifestStore(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    store.start(
-        {
-            **config.output_settings(),
-            "sink": sink_kind,
-            "chunk_size": chunk_size,
-            "inputs": len(items),
-            "inputs_digest": _digest(item.key for item in items),
-        },
-        overwrite=overwrite,
-    )
-    sink = create_sink(sink_kind, out_dir, store.staging_dir)
-
-    chunks = [items[start : start + chunk_size] for start in range(0, len(items), chunk_size)]
-    done = store.done_chunks()
-    pending = [chunk_id for chunk_id in range(len(chunks)) if chunk_id not in done]
-    skipped = sum(len(chunks[c]) for c in range(len(chunks)) if c in done)
+    if batch_size < 1:
+        raise ValueError("batch size must be at least 1")
+    run = AlignRun(config, source, out_dir, sink_kind, manifest_path, chunk_size, overwrite)
     worker = AlignWorker(config, source)
-    worker.prepare()
-    crops_written = 0
-    if pending and not sink.done():
-        crops_written = _run_chunks(
-            worker, chunks, pending, store, sink, config, suffix_keys, workers, batch_size, progress, on_chunk_committed
-        )
-    sink.finish(labels)
-    table = store.merge(manifest_path)
-    counts = status_counts(table.column("status").to_pylist())
-    return AlignSummary(counts, len(items) - skipped, skipped, crops_written, time.perf_counter() - started, manifest_path)
+    if config.landmarks_file is not None or workers == 0:
+        worker.prepare()  # fail before any work; worker processes prepare (and report failures) themselves
+    if run.pending:
+        _run_chunks(run, worker, workers, batch_size, progress)
+    counts = run.finish()
+    processed = len(run.items) - run.skipped
+    return AlignSummary(counts, processed, run.skipped, run.crops_written, time.perf_counter() - started, run.manifest_path)
 
 
-class _ChunkCommitter:
-    """Gathers batch results per chunk; when a chunk's last batch arrives, names its crops, has the sink write
-    them and then commits the chunk's manifest part (outputs first, so a committed part implies its outputs)."""
+class _ChunkCollector:
+    """Gathers batch results per chunk and commits a chunk when its last batch arrives."""
 
-    def __init__(self, chunks, batches, store, sink, config, suffix_keys, bar, on_chunk_committed) -> None:
-        self.chunks, self.store, self.sink, self.config = chunks, store, sink, config
-        self.suffix_keys, self.bar, self.on_chunk_committed = suffix_keys, bar, on_chunk_committed
+    def __init__(self, run: AlignRun, batches: list[tuple[int, list[Item]]], bar: Any) -> None:
+        self.run, self.bar = run, bar
         self.remaining: dict[int, int] = {}
         for chunk_id, _ in batches:
             self.remaining[chunk_id] = self.remaining.get(chunk_id, 0) + 1
         self.results: dict[int, list[ItemResult]] = {chunk_id: [] for chunk_id in self.remaining}
-        self.crops_written = 0
 
     def add(self, chunk_id: int, batch_results: list[ItemResult]) -> bool:
         """Returns True when this completed (and committed) the chunk."""
@@ -367,65 +426,35 @@ class _ChunkCommitter:
         self.remaining[chunk_id] -= 1
         if self.remaining[chunk_id]:
             return False
-        self._commit(chunk_id)
+        self.run.commit_chunk(chunk_id, self.results.pop(chunk_id))
         return True
 
-    def _commit(self, chunk_id: int) -> None:
-        chunk = self.chunks[chunk_id]
-        first_index = chunk[0].index
-        chunk_results = sorted(self.results.pop(chunk_id), key=lambda r: r.row.index)
-        entries = []
-        for result in chunk_results:
-            item = chunk[result.row.index - first_index]
-            names = output_names(
-                item, len(result.crops), self.config.keep == "all", self.config.image_format, item.key in self.suffix_keys
-            )
-            result.row.outputs = names
-            entries.extend((item, name, data) for name, data in zip(names, result.crops))
-        self.sink.write_chunk(chunk_id, entries)
-        self.store.commit_chunk(chunk_id, [r.row for r in chunk_results])
-        self.crops_written += len(entries)
-        if self.on_chunk_committed is not None:
-            self.on_chunk_committed(chunk_id)
 
-
-def _run_chunks(
-    worker: AlignWorker,
-    chunks: list[list[Item]],
-    pending: list[int],
-    store: ManifestStore,
-    sink: Any,
-    config: AlignConfig,
-    suffix_keys: set[str],
-    workers: int,
-    batch_size: int,
-    progress: bool,
-    on_chunk_committed: Callable[[int], None] | None,
-) -> int:
+def _run_chunks(run: AlignRun, worker: AlignWorker, workers: int, batch_size: int, progress: bool) -> None:
     from tqdm import tqdm
 
     batches = [
-        (chunk_id, chunks[chunk_id][start : start + batch_size])
-        for chunk_id in pending
-        for start in range(0, len(chunks[chunk_id]), batch_size)
+        (chunk_id, run.chunks[chunk_id][start : start + batch_size])
+        for chunk_id in run.pending
+        for start in range(0, len(run.chunks[chunk_id]), batch_size)
     ]
-    bar = tqdm(total=sum(len(chunks[c]) for c in pending), unit="img", disable=not progress, dynamic_ncols=True)
-    committer = _ChunkCommitter(chunks, batches, store, sink, config, suffix_keys, bar, on_chunk_committed)
+    bar = tqdm(total=sum(len(run.chunks[c]) for c in run.pending), unit="img", disable=not progress, dynamic_ncols=True)
+    collector = _ChunkCollector(run, batches, bar)
     try:
         if workers == 0:
             for chunk_id, batch in batches:
-                committer.add(chunk_id, worker.process(batch))
+                collector.add(chunk_id, worker.process(batch))
         else:
             threads = max(1, (os.cpu_count() or 1) // workers)
-            context = multiprocessing.get_context("spawn")
-            with cf.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_process, initargs=(worker, threads)) as pool:
-                _pump(pool, batches, pending, workers, committer)
+            with cf.ProcessPoolExecutor(
+                workers, mp_context=_worker_context(), initializer=_init_process, initargs=(worker, threads)
+            ) as pool:
+                _pump(pool, batches, run.pending, workers, collector)
     finally:
         bar.close()
-    return committer.crops_written
 
 
-def _pump(pool: cf.Executor, batches: list[tuple[int, list[Item]]], pending: list[int], workers: int, committer: _ChunkCommitter) -> None:
+def _pump(pool: cf.Executor, batches: list[tuple[int, list[Item]]], pending: list[int], workers: int, collector: _ChunkCollector) -> None:
     """Keep at most 2 batches per worker in flight, and only from the two oldest unfinished chunks, so that
     memory stays bounded however slow one batch is."""
     max_in_flight = 2 * workers
@@ -439,7 +468,7 @@ def _pump(pool: cf.Executor, batches: list[tuple[int, list[Item]]], pending: lis
         finished, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
         for future in sorted(finished, key=lambda f: in_flight[f]):
             chunk_id = in_flight.pop(future)
-            if committer.add(chunk_id, future.result()):
+            if collector.add(chunk_id, future.result()):
                 open_chunks.remove(chunk_id)
 
 

@@ -193,10 +193,13 @@ def test_fatal_configuration_errors_exit_nonzero(tmp_path):
     unwritable = runner.invoke(main, ["align", str(tmp_path / "in"), "--out", str(tmp_path / "file" / "o")])
     assert unwritable.exit_code != 0 and "cannot write output" in unwritable.output
     (tmp_path / "bad.pth").write_bytes(b"garbage")
-    bad_weights = runner.invoke(
-        main, ["align", str(tmp_path / "in"), "--out", str(tmp_path / "o2"), "--detector-weights", str(tmp_path / "bad.pth")]
-    )
-    assert bad_weights.exit_code != 0 and "Error" in bad_weights.output and "bad.pth" in bad_weights.output
+    for workers in ("0", "1"):  # in-process, and raised in a worker process then reported by the main one
+        bad_weights = runner.invoke(
+            main, ["align", str(tmp_path / "in"), "--out", str(tmp_path / f"o{workers}"), "--workers", workers,
+                   "--detector-weights", str(tmp_path / "bad.pth"), "--no-progress"]
+        )
+        assert bad_weights.exit_code != 0 and "cannot read weights file" in bad_weights.output and "bad.pth" in bad_weights.output
+        assert not (tmp_path / f"o{workers}" / "manifest.parquet").exists()
     bad_size = runner.invoke(main, ["align", str(tmp_path / "in"), "--out", str(tmp_path / "o3"), "--size", "100"])
     assert bad_size.exit_code != 0 and "not a multiple of 112 or 128" in bad_size.output
 

@@ -1,0 +1,102 @@
+"""End-to-end throughput of ``facepipe align`` against a FaceAnalysis-style baseline, in the same run.
+
+Baseline (what insightface ``FaceAnalysis.get`` + ``norm_crop`` does): one image at a time in one process,
+read -> detect -> keep the largest face -> norm_crop -> encode and write, with the same RetinaFace weights and
+settings and the default thread count. Pipeline: ``run_align`` (worker processes with a per-process thread
+budget, batched detection, chunked commits, manifest). Both write JPEG crops of the same faces.
+
+    .venv/bin/python eval/bench_align.py                    # WIDER subset (323) + 300 CFP images
+    .venv/bin/python eval/bench_align.py --limit 40         # quick check
+
+Prints images/s of both, the ratio, and peak resident memory (the baseline's process; the pipeline's main
+process and its largest worker). Figures on a loaded machine are noisy: compare ratios from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from facepipe.alignment import norm_crop
+from facepipe.io.images import read_image
+from facepipe.pipeline.align import AlignConfig, run_align
+from facepipe.pipeline.face_choice import choose_faces
+from facepipe.pipeline.sources import FileSource
+
+ASSETS = Path(os.environ.get("FACEPIPE_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "assets"
+
+
+def _max_rss_mb(who: int) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def collect_images(limit: int | None) -> tuple[list[Path], Path]:
+    wider = sorted((ASSETS / "widerface" / "val_images").rglob("*.jpg"))
+    cfp = sorted((ASSETS / "cfp" / "cfp-dataset" / "Data" / "Images").rglob("*.jpg"))[::23][:300]
+    images = wider + cfp
+    if not images:
+        sys.exit(f"no benchmark images under {ASSETS}: set FACEPIPE_SHARED")
+    if limit:
+        # interleave so a short run still mixes large WIDER photos and small CFP portraits
+        images = [img for pair in zip(wider, cfp) for img in pair][:limit]
+    return images, ASSETS
+
+
+def baseline(paths: list[Path], root: Path, out_dir: Path, config: AlignConfig) -> float:
+    from facepipe.detection import create_detector
+
+    start = time.perf_counter()
+    detector = create_detector(config.detector, config.detector_weights, config.device)
+    for path in paths:
+        try:
+            image = read_image(path)
+        except ValueError:
+            continue
+        faces = choose_faces(detector.detect([image])[0], image.shape, config.keep, config.min_score)
+        for face in faces:
+            crop = norm_crop(image, face.landmarks, config.size)
+            target = out_dir / path.relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(target), crop, [cv2.IMWRITE_JPEG_QUALITY, config.jpeg_quality])
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N images (interleaved WIDER/CFP)")
+    parser.add_argument("--workers", type=int, default=None, help="pipeline worker processes (default: one per core)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+
+    paths, root = collect_images(args.limit)
+    config = AlignConfig()
+    pixels = sum(np.prod(cv2.imread(str(p), cv2.IMREAD_REDUCED_GRAYSCALE_8).shape) * 64 for p in paths) / len(paths)
+    print(f"{len(paths)} images (mean {pixels / 1e6:.2f} MP), cores {os.cpu_count()}, RetinaFace-mnet bundled weights")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        base_seconds = baseline(paths, root, tmp / "baseline", config)
+        base_rss = _max_rss_mb(resource.RUSAGE_SELF)
+        source = FileSource(paths, root, "benchmark")
+        summary = run_align(
+            config, source, tmp / "pipeline", workers=args.workers, batch_size=args.batch_size, progress=False
+        )
+        child_rss = _max_rss_mb(resource.RUSAGE_CHILDREN)
+        base_rate = len(paths) / base_seconds
+        pipe_rate = summary.images_per_second
+        print(f"baseline (sequential detect + norm_crop): {base_rate:7.2f} images/s  ({base_seconds:.1f} s)")
+        print(f"facepipe align pipeline                 : {pipe_rate:7.2f} images/s  ({summary.seconds:.1f} s, {summary.counts})")
+        print(f"ratio pipeline / baseline               : {pipe_rate / base_rate:7.2f}x")
+        print(f"peak RSS: baseline process {base_rss:.0f} MB (includes this script); pipeline workers max {child_rss:.0f} MB each")
+
+
+if __name__ == "__main__":
+    main()
