@@ -19,6 +19,7 @@ import os
 import resource
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -36,6 +37,47 @@ ASSETS = Path(os.environ.get("FACEPIPE_SHARED", Path(__file__).resolve().parents
 
 def _max_rss_mb(who: int) -> float:
     return resource.getrusage(who).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+class DescendantPeakMemory(threading.Thread):
+    """Samples the peak RSS (VmHWM) of every descendant process from /proc: the pipeline's workers are forked
+    by a forkserver, so they are not this process's children and RUSAGE_CHILDREN never sees them."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peaks: dict[int, float] = {}
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(0.25):
+            for pid in self._descendants():
+                try:
+                    status = Path(f"/proc/{pid}/status").read_text()
+                except OSError:
+                    continue
+                for line in status.splitlines():
+                    if line.startswith("VmHWM:"):
+                        self.peaks[pid] = max(self.peaks.get(pid, 0.0), int(line.split()[1]) / 1024.0)
+
+    @staticmethod
+    def _descendants() -> set[int]:
+        parents: dict[int, int] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text()
+                    parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+        found, frontier = set(), {os.getpid()}
+        while frontier:
+            frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+            found |= frontier
+        return found
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
 
 
 def collect_images(limit: int | None) -> tuple[list[Path], Path]:
@@ -86,16 +128,20 @@ def main() -> None:
         base_seconds = baseline(paths, root, tmp / "baseline", config)
         base_rss = _max_rss_mb(resource.RUSAGE_SELF)
         source = FileSource(paths, root, "benchmark")
+        sampler = DescendantPeakMemory()
+        sampler.start()
         summary = run_align(
             config, source, tmp / "pipeline", workers=args.workers, batch_size=args.batch_size, progress=False
         )
-        child_rss = _max_rss_mb(resource.RUSAGE_CHILDREN)
+        sampler.stop()
+        child_rss = max(sampler.peaks.values(), default=0.0)
         base_rate = len(paths) / base_seconds
         pipe_rate = summary.images_per_second
         print(f"baseline (sequential detect + norm_crop): {base_rate:7.2f} images/s  ({base_seconds:.1f} s)")
         print(f"facepipe align pipeline                 : {pipe_rate:7.2f} images/s  ({summary.seconds:.1f} s, {summary.counts})")
         print(f"ratio pipeline / baseline               : {pipe_rate / base_rate:7.2f}x")
-        print(f"peak RSS: baseline process {base_rss:.0f} MB (includes this script); pipeline workers max {child_rss:.0f} MB each")
+        print(f"peak RSS: baseline process {base_rss:.0f} MB (includes this script); largest pipeline worker {child_rss:.0f} MB "
+              f"({len(sampler.peaks)} helper processes seen)")
 
 
 if __name__ == "__main__":
