@@ -70,6 +70,7 @@ def _check_run_info(prediction_dir: Path, run_info: dict) -> None:
     "--scale", type=click.Choice(["original", "fixed", "multiscale"]), default="original", show_default=True,
     help="original: no resize; fixed: 1600 short side / 2150 long side; multiscale: pyramid + flip.",
 )
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the PR curves to this .png.")
 @device_option
 @threads_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
@@ -81,6 +82,7 @@ def widerface(
     detector: str,
     detector_weights: str | None,
     scale: str,
+    plot: Path | None,
     device: str,
     threads: int | None,
     batch_size: int,
@@ -137,6 +139,8 @@ def widerface(
     report = {**result.to_dict(), "predictions": None if prediction_dir is None else str(prediction_dir)}
     report.update(made_with)
     _write_json_atomic(out, report)
+    if plot is not None:
+        wider.plot_pr_curves(result, plot)
     click.echo(result.table())
 
 

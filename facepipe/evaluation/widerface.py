@@ -388,6 +388,30 @@ def evaluate_folder(
     return evaluate(read_predictions(prediction_dir), load_ground_truth(gt_dir), images=images)
 
 
+def plot_pr_curves(result: WiderResult, path: str | os.PathLike, title: str = "WIDER FACE val") -> None:
+    """Precision-recall curves of the three settings in one PNG, AP in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5, 4.5), dpi=120)
+    for setting in SETTINGS:
+        axes.plot(result.recall[setting], result.precision[setting], label=f"{setting}  AP {result.ap[setting]:.4f}")
+    axes.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="recall", ylabel="precision", title=f"{title} ({result.num_images} images)")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower left")
+    figure.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    try:
+        figure.savefig(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(figure)
+
+
 def image_key(path: str | os.PathLike) -> str:
     """``"<event>/<name>"`` of an image path laid out as ``.../<event>/<name>.jpg``."""
     path = Path(path)

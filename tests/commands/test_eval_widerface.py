@@ -70,9 +70,13 @@ def test_detects_writes_predictions_and_reports(tmp_path, wider_subset):
     assert again_report["hard"] == data["hard"] and again_report["detector"] == "retinaface"  # from the folder
 
     # predictions only (no images): the images with a file are evaluated
-    only = _invoke("--gt", str(gt_dir), "--predictions", str(predictions), "--out", str(tmp_path / "only.json"))
+    only = _invoke(
+        "--gt", str(gt_dir), "--predictions", str(predictions), "--out", str(tmp_path / "only.json"),
+        "--plot", str(tmp_path / "pr.png"),
+    )
     assert only.exit_code == 0, only.output
     assert json.loads((tmp_path / "only.json").read_text())["hard"] == data["hard"]
+    assert (tmp_path / "pr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_refuses_to_mix_settings_or_foreign_files(tmp_path, wider_subset):
