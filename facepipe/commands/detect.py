@@ -121,7 +121,7 @@ def _visual_path(root: Path, relative: Path) -> Path:
 
 
 @click.command()
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="IMAGES_OR_DIRS...")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output .jsonl file.")
 @detector_option
 @click.option(
@@ -135,7 +135,7 @@ def _visual_path(root: Path, relative: Path) -> Path:
 )
 @device_option
 @threads_option
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images per detector call.")
 def detect(
     inputs: tuple[Path, ...],
     out: Path,

@@ -73,7 +73,7 @@ def _check_run_info(prediction_dir: Path, run_info: dict) -> None:
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the PR curves to this .png.")
 @device_option
 @threads_option
-@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Images per detector call.")
 def widerface(
     images_dir: Path | None,
     gt_dir: Path,
