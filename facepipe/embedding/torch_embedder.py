@@ -38,6 +38,20 @@ def preprocess(crops: np.ndarray, config: ModelConfig) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
+def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, bool]:
+    """Fold every BatchNorm that follows a convolution into it (inference only; ~10% faster on CPU).
+
+    Uses torch.fx tracing; a model that cannot be traced is returned unchanged. BatchNorms that precede a
+    convolution (iresnet's pre-activation ``bn1``) stay: folding them would be wrong at zero-padded borders.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(model), True
+    except Exception:  # noqa: BLE001 - tracing limits vary across torch versions; unfused is still correct
+        return model, False
+
+
 class TorchEmbedder:
     """``Embedder`` over a torch module: BGR crops in, raw ``(N, D)`` float32 out (flip test adds the mirror)."""
 
@@ -49,6 +63,7 @@ class TorchEmbedder:
         batch_size: int = 64,
         fp16: bool = False,
         channels_last: bool = True,
+        fuse_bn: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -62,10 +77,13 @@ class TorchEmbedder:
         self.fp16 = fp16
         self.channels_last = channels_last
         self.model = model.to(self.device).eval()
-        if channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)  # oneDNN / cuDNN prefer NHWC convs
         if hasattr(self.model, "fp16"):
             self.model.fp16 = fp16
+        self.fused = False
+        if fuse_bn and not fp16:
+            self.model, self.fused = fold_batchnorm(self.model)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)  # oneDNN / cuDNN prefer NHWC convs
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         tensor = torch.from_numpy(x).to(self.device, non_blocking=True)
@@ -93,7 +111,7 @@ class TorchEmbedder:
 
 
 def _options(options: dict[str, Any]) -> dict[str, Any]:
-    known = {"batch_size", "fp16", "channels_last"}
+    known = {"batch_size", "fp16", "channels_last", "fuse_bn"}
     unknown = set(options) - known
     if unknown:
         raise TypeError(f"unknown embedder options: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")

@@ -79,3 +79,21 @@ def test_options_are_checked():
         create_embedder("mobilefacenet", fp16=True)
     with pytest.raises(ValueError, match="unknown embedding model"):
         create_embedder("resnet9000")
+
+
+@pytest.mark.parametrize("name", ["mobilefacenet", "iresnet18"])
+def test_batchnorm_folding_keeps_the_numbers(name, crops):
+    model = create_model(name).eval()
+    with torch.no_grad():  # non-trivial statistics so that folding is really exercised
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+    config = get_config(name)
+    folded = TorchEmbedder(model, config, fuse_bn=True)
+    plain = TorchEmbedder(model, config, fuse_bn=False, channels_last=False)
+    assert folded.fused and not plain.fused
+    remaining = sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.model.modules())
+    assert remaining < sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    expected = plain.embed(crops, flip=True)
+    assert np.abs(folded.embed(crops, flip=True) - expected).max() <= 1e-4 * np.abs(expected).max()
