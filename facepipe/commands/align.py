@@ -46,6 +46,8 @@ def _parse_size(value: str) -> int | tuple[int, int]:
               help="Images with a longer side are downscaled for detection only (crops come from the full image); 0 = never.")
 @detector_option
 @detector_weights_option
+@click.option("--detector-option", "detector_options", multiple=True, metavar="KEY=VALUE",
+              help="Extra detector setting, repeatable, e.g. scale=fixed, backend=torch, max_size=1600.")
 @device_option
 @click.option("--workers", type=int, default=None, help="Worker processes [default: one per core on CPU, 1 on CUDA]; 0 = in-process.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images per detection batch.")
@@ -58,7 +60,8 @@ def _parse_size(value: str) -> int | tuple[int, int]:
 def align(
     input_path: Path, out_dir: Path, sink: str, manifest_path: Path | None, size: str, keep: str, min_score: float,
     landmarks_file: Path | None, retry_padded: bool, pad_ratio: float, image_format: str, jpeg_quality: int,
-    max_pixels: int, detect_max_side: int, detector: str, detector_weights: str | None, device: str,
+    max_pixels: int, detect_max_side: int, detector: str, detector_weights: str | None,
+    detector_options: tuple[str, ...], device: str,
     workers: int | None, batch_size: int, chunk_size: int, root: Path | None, overwrite: bool, progress: bool,
 ) -> None:
     """Align every image of INPUT (a folder tree, an image, a .txt/.lst list of paths, or a train.rec).
@@ -82,6 +85,7 @@ def align(
             size=_parse_size(size), keep=keep, min_score=min_score, retry_padded=retry_padded, pad_ratio=pad_ratio,
             image_format=image_format, jpeg_quality=jpeg_quality, max_pixels=max_pixels,
             detect_max_side=detect_max_side or None, detector=detector, detector_weights=detector_weights,
+            detector_options=_parse_options(detector_options),
             landmarks_file=str(landmarks_file) if landmarks_file is not None else None, device=device,
         )
         source = open_source(input_path, root)
@@ -94,6 +98,22 @@ def align(
     except (ValueError, TypeError, FileNotFoundError, PermissionError) as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
     click.echo(summary.format())
+
+
+def _parse_options(pairs: tuple[str, ...]) -> dict[str, object]:
+    """``KEY=VALUE`` pairs; values are read as JSON (numbers, booleans, lists) or else kept as strings."""
+    import json
+
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r}: expected KEY=VALUE", param_hint="--detector-option")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
 
 
 def _check_writable(out_dir: Path) -> None:

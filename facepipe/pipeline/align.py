@@ -59,6 +59,8 @@ class AlignConfig:
             raise ValueError(f"image format must be one of {', '.join(IMAGE_FORMATS)}")
         if not 0 <= self.jpeg_quality <= 100:
             raise ValueError("JPEG quality must be within 0..100")
+        if not 0.0 <= self.min_score <= 1.0:
+            raise ValueError("min score must be within 0..1")
         if self.pad_ratio <= 0:
             raise ValueError("pad ratio must be positive")
         from facepipe.alignment import arcface_template
@@ -127,9 +129,11 @@ class AlignWorker:
         if self._detector is None:
             from facepipe.detection import create_detector
 
-            self._detector = create_detector(
-                self.config.detector, self.config.detector_weights, self.config.device, **self.config.detector_options
-            )
+            options = dict(self.config.detector_options)
+            if self.config.detector.startswith("retinaface"):
+                # RetinaFace drops faces under its own threshold (0.5): let --min-score go lower than that.
+                options.setdefault("threshold", self.config.min_score)
+            self._detector = create_detector(self.config.detector, self.config.detector_weights, self.config.device, **options)
         return self._detector
 
     @property
@@ -302,9 +306,10 @@ class AlignSummary:
 
 
 def default_workers(device: str) -> int:
-    # One process per core on CPU (RetinaFace-mnet scales worse over threads than over processes); a single
-    # process on a GPU, which batches on its own.
-    return 1 if device.startswith("cuda") else max(1, os.cpu_count() or 1)
+    # One process per core on CPU (RetinaFace-mnet scales worse over threads than over processes). On a GPU two
+    # processes share the device, so one decodes / warps / encodes while the other runs the network.
+    cores = max(1, os.cpu_count() or 1)
+    return min(2, cores) if device.startswith("cuda") else cores
 
 
 class AlignRun:
