@@ -34,6 +34,8 @@ class RetinaFaceBackend(Protocol):
 
 
 class TorchBackend:
+    """Runs ``model`` (folded in place when ``optimize``; pass a model you do not train any more)."""
+
     def __init__(self, model: RetinaFace, device: str = "cpu", fp16: bool = False, optimize: bool = True) -> None:
         self.device = torch.device(device)
         if fp16 and self.device.type != "cuda":

@@ -20,6 +20,7 @@ border. Results are the same as one image at a time.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -246,12 +247,8 @@ def _check_backend_options(rest: dict[str, Any]) -> tuple[str, bool, int | None]
 
 
 def _onnxruntime_available() -> bool:
-    try:
-        import onnx  # noqa: F401  (the exporter writes through it)
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    # The TorchScript ONNX exporter needs the onnx package as well.
+    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
 
 
 def _backend_for_model(model: RetinaFace, device: str, backend: str, fp16: bool, threads: int | None) -> RetinaFaceBackend:
