@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -185,3 +186,17 @@ def test_mtcnn_detector_through_the_cli(tmp_path, image_folder):
     assert result.exit_code == 0, result.output
     faces = _lines(out)["t1.jpg"]["faces"]
     assert len(faces) == 6 and all(f["score"] >= 0.95 for f in faces)  # the 6 large faces (MTCNN golden)
+
+
+def test_broken_link_and_upper_case_extension(tmp_path, image_folder):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    os.symlink(tmp_path / "gone.jpg", folder / "dangling.jpg")
+    shutil.copy(image_folder / "people" / CELEBRITY, folder / "FACE.PNG")  # JPEG bytes under a .PNG name
+    out, pictures = tmp_path / "d.jsonl", tmp_path / "pictures"
+    result = _run([str(folder), "--out", str(out), "--visualize", str(pictures)])
+    assert result.exit_code == 0, result.output
+    records = _lines(out)
+    assert records["dangling.jpg"]["error"] == "broken symbolic link"
+    assert len(records["FACE.PNG"]["faces"]) == 2
+    assert cv2.imread(str(pictures / "FACE.PNG")).shape == (records["FACE.PNG"]["height"], records["FACE.PNG"]["width"], 3)
