@@ -61,9 +61,9 @@ cache_options = [
     click.option("--no-cache", is_flag=True, help="Do not read or write the feature cache."),
 ]
 pad_option = click.option(
-    "--pad", type=click.FloatRange(0, 2), default=0.0, show_default=True,
-    help="Black border added before detection, as a fraction of the longer image side (0.25 helps MTCNN with "
-         "faces that fill the frame).",
+    "--pad", type=click.FloatRange(0, 2), default=0.25, show_default=True,
+    help="Black border added before detection, as a fraction of the longer image side. Faces that fill the frame "
+         "are located better (CFP split 1, RetinaFace: FF 99.29 -> 99.57 %); MTCNN needs it (FF 83.3 -> 99.3 %).",
 )
 min_score_option = click.option(
     "--min-score", type=click.FloatRange(0, 1), default=0.5, show_default=True,

@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -293,6 +294,20 @@ def process_batch(
     return both[: len(images)], both[len(images) :], status, faces
 
 
+def _load_batches(keys: Sequence[str], load_image: Callable[[str], np.ndarray], batch_size: int):
+    """Yield ``(batch keys, images)``; the next batch is decoded in a thread while the caller works on this one."""
+    batches = [list(keys[i : i + batch_size]) for i in range(0, len(keys), batch_size)]
+    if not batches:
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(lambda b: [load_image(k) for k in b], batches[0])
+        for index, batch in enumerate(batches):
+            images = pending.result()
+            if index + 1 < len(batches):
+                pending = pool.submit(lambda b: [load_image(k) for k in b], batches[index + 1])
+            yield batch, images
+
+
 def extract_features(
     keys: Sequence[str],
     load_image: Callable[[str], np.ndarray],
@@ -318,30 +333,27 @@ def extract_features(
         from tqdm import tqdm
 
         bar = tqdm(total=len(missing), desc=description, unit="img", disable=not progress)
-        unsaved = 0
+        unsaved: list[ImageFeatures] = []
         try:
-            for start in range(0, len(missing), batch_size):
-                batch_keys = missing[start : start + batch_size]
-                images = [load_image(k) for k in batch_keys]
+            for batch_keys, images in _load_batches(missing, load_image, batch_size):
                 emb, emb_flip, status, faces = process_batch(
                     images, detector, embedder, spec.min_score, spec.size, spec.mode, spec.pad
                 )
-                part = ImageFeatures(list(batch_keys), emb.astype(np.float32), emb_flip.astype(np.float32), status, faces)
+                part = ImageFeatures(batch_keys, emb.astype(np.float32), emb_flip.astype(np.float32), status, faces)
                 parts.append(part)
-                if cache is not None:
-                    cache.add(part)
-                    unsaved += len(batch_keys)
-                    if unsaved >= save_every:
-                        cache.save()
-                        unsaved = 0
+                unsaved.append(part)
+                if cache is not None and sum(len(p.keys) for p in unsaved) >= save_every:
+                    cache.add(ImageFeatures.concatenate(unsaved, embedder.embedding_size))
+                    cache.save()
+                    unsaved = []
                 bar.update(len(batch_keys))
         finally:
             bar.close()
             if cache is not None and unsaved:
+                cache.add(ImageFeatures.concatenate(unsaved, embedder.embedding_size))
                 cache.save()
-    if cache is not None:
-        assert cache.features is not None or not keys
-        return cache.features.take(keys) if keys else ImageFeatures.concatenate([], embedder.embedding_size)
+    if cache is not None and cache.features is not None:
+        return cache.features.take(keys)
     return ImageFeatures.concatenate(parts, embedder.embedding_size).take(keys)
 
 

@@ -104,9 +104,9 @@ def test_compare_detectors_table(cfp_root, tmp_path):
     from facepipe.detection.base import create_detector
 
     _make_cfp_bin_module().build_cfp_bin(cfp_root, "FF", bin_path, create_detector("retinaface"), splits=[2],
-                                         limit=10)
+                                         limit=6)
     out = tmp_path / "table.md"
-    result = _invoke(["eval", "compare-detectors", "--cfp", str(cfp_root), "--splits", "1", "--limit", "10",
+    result = _invoke(["eval", "compare-detectors", "--cfp", str(cfp_root), "--splits", "1", "--limit", "6",
                       "--bin", str(bin_path), "--model", "mobilefacenet", "--cache-dir", str(tmp_path / "cache"),
                       "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -120,7 +120,7 @@ def test_compare_detectors_table(cfp_root, tmp_path):
     for row in data["rows"][:2]:
         for column in data["columns"]:
             result_cell = row["results"][column]
-            assert 0.0 <= result_cell["acc"] <= 1.0 and result_cell["n_pairs"] == 10
+            assert 0.0 <= result_cell["acc"] <= 1.0 and result_cell["n_pairs"] == 6
             assert f"{100 * result_cell['acc']:.2f} ± {100 * result_cell['std']:.2f}" in table
     # Four cache files: (mtcnn, retinaface) x (raw photos, re-aligned .bin crops).
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 4

@@ -180,7 +180,7 @@ def test_bin_built_from_real_cfp_images_by_make_cfp_bin(tmp_path):
     make_cfp_bin = _load_make_cfp_bin()
     detector = create_detector("retinaface")
     out = tmp_path / "cfp_fp_small.bin"
-    summary = make_cfp_bin.build_cfp_bin(root, "FP", out, detector, splits=[1], limit=6, ext=".png")
+    summary = make_cfp_bin.build_cfp_bin(root, "FP", out, detector, splits=[1], limit=6, ext=".png", pad=0.0)
     pairs = read_cfp_pairs(root, "FP").subset([1], 6)
     assert summary["pairs"] == 6 and summary["same"] == 3 and summary["images"] == len(pairs.unique_paths()) == 11
     assert summary["fallback"] == 0  # RetinaFace finds the face in every one of these images
