@@ -152,6 +152,8 @@ def evaluate_bin(
         images, issame = load_bin(path, limit_pairs=limit_pairs, progress=True)
     except VerificationBinError as exc:
         raise click.ClickException(str(exc)) from None
+    if len(issame) < 2:
+        raise click.ClickException(f"{path}: {len(issame)} pair(s); the protocol needs at least 2")
     plain, mirrored = embed_aligned(embedder, images, batch_size, f"embed {name}")
     return evaluate_interleaved(name, plain, mirrored, issame, n_folds=min(10, len(issame)))
 
@@ -204,6 +206,7 @@ def run_pairs(
     from facepipe.evaluation.verification import evaluate_embeddings
     from facepipe.io.images import ImageDecodeError, read_image
 
+    _check_pair_count(name, pairs)
     missing = pairs.missing_paths()
     if missing:
         shown = "\n  ".join(str(p) for p in missing[:5])
@@ -243,18 +246,28 @@ def _cfp_pair_lists(root: str, protocols: Sequence[str], splits: list[int] | Non
     from facepipe.evaluation.protocols import ProtocolError, read_cfp_pairs
 
     try:
-        return {p: read_cfp_pairs(root, p).subset(splits, limit) for p in protocols}
+        lists = {p: read_cfp_pairs(root, p).subset(splits, limit) for p in protocols}
     except ProtocolError as exc:
         raise click.ClickException(str(exc)) from None
+    for protocol, pairs in lists.items():
+        _check_pair_count(f"CFP-{protocol}", pairs)
+    return lists
+
+
+def _check_pair_count(name: str, pairs: Any) -> None:
+    if len(pairs) < 2:
+        raise click.ClickException(f"{name}: {len(pairs)} pair(s) selected; the protocol needs at least 2")
 
 
 def _lfw_pair_list(root: str, pairs_file: str, splits: list[int] | None, limit: int | None) -> Any:
     from facepipe.evaluation.protocols import ProtocolError, read_lfw_pairs
 
     try:
-        return read_lfw_pairs(pairs_file, root).subset(splits, limit)
+        pairs = read_lfw_pairs(pairs_file, root).subset(splits, limit)
     except ProtocolError as exc:
         raise click.ClickException(str(exc)) from None
+    _check_pair_count("LFW", pairs)
+    return pairs
 
 
 def _spec(detector: str, detector_weights: str | None, model: str, weights: str | None, min_score: float,
@@ -383,6 +396,8 @@ def realign_bin(
         images, issame = load_bin(path, limit_pairs=limit_pairs)
     except VerificationBinError as exc:
         raise click.ClickException(str(exc)) from None
+    if len(issame) < 2:
+        raise click.ClickException(f"{path}: {len(issame)} pair(s); the protocol needs at least 2")
     resolved = str(Path(path).resolve())
     keys = [f"{resolved}#{i}" for i in range(len(images))]
     features = extract_features(

@@ -137,6 +137,9 @@ def test_bad_inputs_give_clear_errors(tmp_path, cfp_root):
     result = CliRunner().invoke(main, ["eval", "cfp", "--root", str(cfp_root), "--splits", "11",
                                        "--out", str(tmp_path / "r.json")])
     assert result.exit_code != 0 and "unknown fold(s) [11]" in result.output
+    result = CliRunner().invoke(main, ["eval", "cfp", "--root", str(cfp_root), "--splits", "3", "--limit", "1",
+                                       "--out", str(tmp_path / "r.json")])
+    assert result.exit_code != 0 and "CFP-FF: 1 pair(s) selected; the protocol needs at least 2" in result.output
     result = CliRunner().invoke(main, ["eval", "compare-detectors", "--out", str(tmp_path / "t.md")])
     assert result.exit_code != 0 and "give at least one benchmark" in result.output
     pairs = tmp_path / "pairs.txt"
