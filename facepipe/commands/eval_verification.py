@@ -218,14 +218,15 @@ def run_pairs(
         except ImageDecodeError as exc:
             raise click.ClickException(f"{key}: {exc}") from None
 
-    keys = [str(p) for p in pairs.unique_paths()]
+    # Absolute (not symlink-resolved) paths: the cache key must not depend on the working directory.
+    keys = [os.path.abspath(p) for p in pairs.unique_paths()]
     features = extract_features(
         keys, load, detector, embedder, spec, cache_dir=cache_dir, batch_size=batch_size,
         description=f"{name} {spec.detector}",
     )
     position = features.index()
-    left = np.array([position[str(p)] for p in pairs.left], dtype=np.int64)
-    right = np.array([position[str(p)] for p in pairs.right], dtype=np.int64)
+    left = np.array([position[os.path.abspath(p)] for p in pairs.left], dtype=np.int64)
+    right = np.array([position[os.path.abspath(p)] for p in pairs.right], dtype=np.int64)
     several_folds = len(pairs.folds) >= 2
     report = evaluate_embeddings(
         name,

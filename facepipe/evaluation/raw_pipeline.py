@@ -18,7 +18,7 @@ For images that are already aligned crops (``.bin`` re-alignment) the fallback i
 counted and reported, never silent.
 
 **Cache**: one ``.npz`` per (detector, detector weights hash, model, model weights hash, selection settings) in
-``cache_dir``, holding per image key (the resolved image path, or ``<bin path>#<index>``) the two embeddings,
+``cache_dir``, holding per image key (the absolute image path, or ``<bin path>#<index>``) the two embeddings,
 whether it was a fallback, and the chosen face. Reruns and ``compare-detectors`` only compute what is missing.
 The file is rewritten atomically every ``save_every`` images, so an interrupted run keeps its work.
 """
