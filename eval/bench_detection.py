@@ -2,7 +2,8 @@
 
 Every configuration runs the full ``detect()`` (preprocessing, network, decoding, NMS) on a real photo
 (``images/group/t1.jpg`` resized) at VGA (640x480) and HD (1920x1080), with 1 and 2 threads, in this one
-process; the figure is the median of ``--runs`` timed calls after ``--warmup`` untimed ones. The reference
+process; the figure is the median of ``--runs`` timed calls after ``--warmup`` untimed ones, the
+configurations timed in turn (round robin) so that a change of machine load hits them alike. The reference
 is onnxruntime running ``retinaface_mnet025_tiny.onnx`` (BatchNorm folded) followed by the same
 post-processing, so the ratio isolates the network backend. The paper's figure for this model is
 17.2 ms per VGA image on one CPU thread (different CPU).
@@ -35,15 +36,18 @@ PAPER_VGA_MS = 17.2
 SIZES = {"VGA 640x480": (640, 480), "HD 1920x1080": (1920, 1080)}
 
 
-def median_ms(call: Callable[[], object], runs: int, warmup: int) -> float:
-    for _ in range(warmup):
-        call()
-    times = []
+def interleaved_medians_ms(calls: dict[str, Callable[[], object]], runs: int, warmup: int) -> dict[str, float]:
+    """Median time of each call, timing them in turn (round robin) so that load changes hit all alike."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000.0 * statistics.median(values) for name, values in times.items()}
 
 
 def detectors(threads: int, tiny_onnx: Path) -> dict[str, RetinaFaceDetector]:
@@ -80,16 +84,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.skip_eager:
             configs.pop("ours torch eager (no folding)")
         for size_name, image in images.items():
-            reference_ms = None
-            for config_name, detector in configs.items():
-                batch = detector.preprocess([image])
-                network_ms = median_ms(lambda: detector.backend(batch), args.runs, args.warmup)
-                detect_ms = median_ms(lambda: detector.detect([image]), args.runs, args.warmup)
+            batch = next(iter(configs.values())).preprocess([image])
+            network = interleaved_medians_ms(
+                {name: (lambda d=d: d.backend(batch)) for name, d in configs.items()}, args.runs, args.warmup
+            )
+            detect = interleaved_medians_ms(
+                {name: (lambda d=d: d.detect([image])) for name, d in configs.items()}, args.runs, args.warmup
+            )
+            reference_ms = next(iter(detect.values()))
+            for name, detector in configs.items():
                 faces = len(detector.detect([image])[0])
-                if reference_ms is None:
-                    reference_ms = detect_ms
-                rows.append((config_name, detector.backend.name, size_name, threads, detect_ms, network_ms, detect_ms / reference_ms, faces))
-                print(f"  {config_name:40s} {size_name:13s} {threads} thr  detect {detect_ms:8.1f} ms  network {network_ms:8.1f} ms", file=sys.stderr, flush=True)
+                rows.append((name, detector.backend.name, size_name, threads, detect[name], network[name], detect[name] / reference_ms, faces))
+                print(f"  {name:40s} {size_name:13s} {threads} thr  detect {detect[name]:8.1f} ms  network {network[name]:8.1f} ms", file=sys.stderr, flush=True)
 
     print(f"\nRetinaFace-MobileNet-0.25, full detect() per image, median of {args.runs} runs (torch {torch.__version__})")
     header = f"| {'configuration':40s} | {'backend':16s} | {'image':13s} | thr | detect ms | network ms | ratio vs ORT | faces |"

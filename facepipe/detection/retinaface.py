@@ -135,9 +135,11 @@ class RetinaFaceDetector:
         s = self.settings
         passes = [p for index, image in enumerate(images) for p in self._plan(index, image.shape[:2])]
         per_pass = self._run_passes(images, passes)
+        by_image: list[list[np.ndarray]] = [[] for _ in images]
+        for p, rows in zip(passes, per_pass):
+            by_image[p.image_index].append(rows)
         results: list[np.ndarray] = []
-        for index in range(len(images)):
-            dets = [rows for p, rows in zip(passes, per_pass) if p.image_index == index]
+        for dets in by_image:
             if s.scale == "multiscale":
                 merged = box_voting(np.concatenate(dets), s.vote_threshold)[: s.keep_top_k]
             else:
@@ -164,8 +166,11 @@ class RetinaFaceDetector:
         """Write the network input of ``image`` for pass ``p`` into ``out`` (3, H, W) float32."""
         source = image
         if p.resize != 1.0:
-            # Reference order: resize the float image, then subtract the mean.
-            source = cv2.resize(image.astype(np.float32), (p.width, p.height), interpolation=cv2.INTER_LINEAR)
+            # Reference order: resize the float image by fx = fy = resize, then subtract the mean. (Giving
+            # dsize instead would make OpenCV sample with ratio src/dst, slightly unlike the reference.)
+            source = cv2.resize(image.astype(np.float32), None, fx=p.resize, fy=p.resize, interpolation=cv2.INTER_LINEAR)
+            if source.shape[:2] != (p.height, p.width):  # a rounding disagreement; keep the planned shape
+                source = cv2.resize(image.astype(np.float32), (p.width, p.height), interpolation=cv2.INTER_LINEAR)
         if p.flip:
             source = source[:, ::-1]
         # Channel by channel straight into the NCHW buffer: same values as float(image) - mean, ~4x faster
