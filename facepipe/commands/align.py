@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from facepipe.commands.common import detector_option, detector_weights_option, device_option, resolve_device
+from facepipe.engine.cli_options import engine_option, engine_options, num_gpus_option, ray_address_option
 
 
 def _parse_size(value: str) -> int | tuple[int, int]:
@@ -49,7 +50,7 @@ def _parse_size(value: str) -> int | tuple[int, int]:
 @click.option("--detector-option", "detector_options", multiple=True, metavar="KEY=VALUE",
               help="Extra detector setting, repeatable, e.g. scale=fixed, backend=torch, max_size=1600.")
 @device_option
-@click.option("--workers", type=int, default=None, help="Worker processes [default: one per core on CPU, 1 on CUDA]; 0 = in-process.")
+@click.option("--workers", type=int, default=None, help="Worker processes [default: one per core on CPU, 2 on CUDA]; 0 = in-process.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images per detection batch.")
 @click.option("--chunk-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Images per committed chunk (the unit of resume).")
@@ -57,18 +58,23 @@ def _parse_size(value: str) -> int | tuple[int, int]:
               help="For a file-list INPUT: folder that relative paths (and output names) are relative to.")
 @click.option("--overwrite", is_flag=True, help="Start over even if OUT holds a run with other settings.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@engine_option
+@ray_address_option
+@num_gpus_option
 def align(
     input_path: Path, out_dir: Path, sink: str, manifest_path: Path | None, size: str, keep: str, min_score: float,
     landmarks_file: Path | None, retry_padded: bool, pad_ratio: float, image_format: str, jpeg_quality: int,
     max_pixels: int, detect_max_side: int, detector: str, detector_weights: str | None,
     detector_options: tuple[str, ...], device: str,
     workers: int | None, batch_size: int, chunk_size: int, root: Path | None, overwrite: bool, progress: bool,
+    engine: str = "local", ray_address: str | None = None, num_gpus: float | None = None,
 ) -> None:
     """Align every image of INPUT (a folder tree, an image, a .txt/.lst list of paths, or a train.rec).
 
     Writes one crop per kept face and a manifest row per input (status ok / no_face / error with its reason).
     Rerunning with the same options resumes: finished chunks are skipped.
     """
+    from facepipe.engine.ray_engine import RayEngineError
     from facepipe.io.recordio import RecordIOError
     from facepipe.models.checkpoint import CheckpointError
     from facepipe.pipeline.align import AlignConfig, run_align
@@ -76,7 +82,9 @@ def align(
     from facepipe.pipeline.manifest import RunStateError
     from facepipe.pipeline.sources import SourceError, open_source
 
-    device = resolve_device(device)
+    ray_options = engine_options(engine, ray_address, num_gpus, actors=workers)
+    if ray_options is None:
+        device = resolve_device(device)  # on Ray, actors get GPUs through --num-gpus, not the driver's device
     if workers is not None and workers < 0:
         raise click.BadParameter("must be 0 or more", param_hint="--workers")
     _check_writable(out_dir)
@@ -89,11 +97,19 @@ def align(
             landmarks_file=str(landmarks_file) if landmarks_file is not None else None, device=device,
         )
         source = open_source(input_path, root)
-        summary = run_align(
-            config, source, out_dir, sink_kind=sink, manifest_path=manifest_path, workers=workers,
-            batch_size=batch_size, chunk_size=chunk_size, overwrite=overwrite, progress=progress,
-        )
-    except (SourceError, LandmarksFileError, RunStateError, CheckpointError, RecordIOError) as exc:
+        if ray_options is not None:
+            from facepipe.engine.ray_engine import run_align_ray
+
+            summary = run_align_ray(
+                config, source, out_dir, ray_options, sink_kind=sink, manifest_path=manifest_path,
+                batch_size=batch_size, chunk_size=chunk_size, overwrite=overwrite, progress=progress,
+            )
+        else:
+            summary = run_align(
+                config, source, out_dir, sink_kind=sink, manifest_path=manifest_path, workers=workers,
+                batch_size=batch_size, chunk_size=chunk_size, overwrite=overwrite, progress=progress,
+            )
+    except (SourceError, LandmarksFileError, RunStateError, CheckpointError, RecordIOError, RayEngineError) as exc:
         raise click.ClickException(str(exc)) from None
     except (ValueError, TypeError, FileNotFoundError, PermissionError) as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None

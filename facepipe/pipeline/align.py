@@ -169,17 +169,21 @@ class AlignWorker:
         only the item that causes it becomes an ``error`` row."""
         try:
             return self._process_batch(items)
-        except Exception:
+        except Exception as exc:  # noqa: BLE001 - recorded in the manifest, the run goes on
             if len(items) == 1:
-                raise
+                return [self._failed(items[0], exc)]
         results = []
         for item in items:
             try:
                 results.extend(self._process_batch([item]))
-            except Exception as exc:  # noqa: BLE001 - recorded in the manifest, the run goes on
-                reason = f"processing failed: {type(exc).__name__}: {exc}"
-                results.append(ItemResult(ManifestRow(item.index, item.key, item.source, "error", reason), []))
+            except Exception as exc:  # noqa: BLE001
+                results.append(self._failed(item, exc))
         return results
+
+    @staticmethod
+    def _failed(item: Item, exc: Exception) -> ItemResult:
+        reason = f"processing failed: {type(exc).__name__}: {exc}"
+        return ItemResult(ManifestRow(item.index, item.key, item.source, "error", reason), [])
 
     def prepare(self) -> None:
         """Load the detector or the landmarks file now, so that bad weights or files fail before any work."""
@@ -203,6 +207,7 @@ class AlignWorker:
             for i in good:
                 face = self.landmarks.get(items[i].key)
                 faces[i] = [] if face is None else [face.scaled(1 / decoded[i][1][0], 1 / decoded[i][1][1])]
+                rows[i].num_detected = len(faces[i])
         else:
             for i, found in zip(good, self._detect([decoded[i][0] for i in good])):
                 faces[i] = choose_faces(found, decoded[i][0].shape, cfg.keep, cfg.min_score)
