@@ -281,7 +281,7 @@ def export_onnx(
         module = InGraphNormalisation(module, config).eval()
     height, width = config.input_size or (112, 112)
     path = Path(path)
-    partial = path.with_name(path.name + ".part")
+    partial = path.with_name(f"{path.name}.{os.getpid()}.part")  # unique: processes may export the same file
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation on every call
         torch.onnx.export(

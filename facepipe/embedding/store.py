@@ -116,7 +116,7 @@ class CropEmbedder:
         if self._embedder is None:
             options = dict(self.spec.options)
             options["batch_size"] = self.batch_size
-            if self.spec.model == "onnx" and self.threads is not None:
+            if self.threads is not None:
                 options["threads"] = self.threads
             self._embedder = create_embedder(self.spec.model, weights=self.spec.weights, device=self.device, **options)
         return self._embedder

@@ -5,14 +5,19 @@ The model's ``ModelConfig`` is the single source of its preprocessing: colour or
 
 from __future__ import annotations
 
+import hashlib
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from facepipe.embedding.base import Embedder
+from facepipe.models.mobilefacenet import DEFAULT_WEIGHTS
 from facepipe.models.registry import ModelConfig, create_model, get_config
+from facepipe.weights import bundled
 
 
 def preprocess(crops: np.ndarray, config: ModelConfig) -> np.ndarray:
@@ -110,45 +115,108 @@ class TorchEmbedder:
         return f"TorchEmbedder({self.name}, device={self.device}, batch_size={self.batch_size}, fp16={self.fp16})"
 
 
-def _options(options: dict[str, Any]) -> dict[str, Any]:
-    known = {"batch_size", "fp16", "channels_last", "fuse_bn"}
-    unknown = set(options) - known
+BACKENDS = ("auto", "torch", "onnxruntime")
+_TORCH_OPTIONS = {"batch_size", "fp16", "channels_last", "fuse_bn"}
+
+
+def _split_options(options: dict[str, Any]) -> tuple[str, int | None, dict[str, Any]]:
+    options = dict(options)
+    backend = options.pop("backend", "auto") or "auto"
+    threads = options.pop("threads", None)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    unknown = set(options) - _TORCH_OPTIONS
     if unknown:
-        raise TypeError(f"unknown embedder options: {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
-    return options
+        known = sorted(_TORCH_OPTIONS | {"backend", "threads"})
+        raise TypeError(f"unknown embedder options: {', '.join(sorted(unknown))} (known: {', '.join(known)})")
+    return backend, threads, options
 
 
-def create_mobilefacenet(weights: str | os.PathLike | None = None, device: str = "cpu", **options: Any) -> TorchEmbedder:
+def _use_onnxruntime(backend: str, device: str, options: dict[str, Any]) -> bool:
+    if backend != "auto":
+        return backend == "onnxruntime"
+    if device != "cpu" or options.get("fp16"):
+        return False
+    try:  # onnxruntime is an optional extra; torch is always there
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def exported_onnx_path(name: str, model: nn.Module, weights: str | os.PathLike) -> Path:
+    """Our model exported to ONNX once per (architecture, weights file, torch version), cached on disk."""
+    from facepipe.embedding.onnx_embedder import export_onnx
+    from facepipe.models.checkpoint import cache_dir, sha256_of
+
+    key = hashlib.sha256(f"{name}|{sha256_of(weights)}|{torch.__version__}".encode()).hexdigest()[:20]
+    path = cache_dir() / "onnx" / f"{name}-{key}.onnx"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        export_onnx(model, get_config(name), path)
+    return path
+
+
+def _build(name: str, model: nn.Module, weights: str | os.PathLike, device: str, options: dict[str, Any]) -> Embedder:
+    """The torch embedder, or the same weights run by onnxruntime (``backend``: auto = onnxruntime on CPU).
+
+    On CPU onnxruntime is faster than eager torch for these networks and degrades far less when other
+    processes compete for the cores (REFERENCE.md); embeddings agree to float32 rounding (tested).
+    """
+    backend, threads, torch_options = _split_options(options)
+    config = get_config(name)
+    if not _use_onnxruntime(backend, device, torch_options):
+        return TorchEmbedder(model, config, device=device, **torch_options)
+    from facepipe.embedding.onnx_embedder import OnnxEmbedder
+
+    if torch_options.get("fp16"):
+        raise ValueError("fp16 is a torch/CUDA option; use backend='torch'")
+    runtime = OnnxEmbedder(
+        exported_onnx_path(name, model, weights),
+        device=device,
+        batch_size=torch_options.get("batch_size", 64),
+        threads=threads if threads is not None else torch.get_num_threads(),
+        input_format=config.input_format,
+        mean=config.mean,
+        std=config.std,
+    )
+    runtime.name = config.name
+    return runtime
+
+
+def create_mobilefacenet(weights: str | os.PathLike | None = None, device: str = "cpu", **options: Any) -> Embedder:
     """The bundled foamliu MobileFaceNet (128-d), or ``weights`` in the same key layout."""
-    model = create_model("mobilefacenet") if weights is None else create_model("mobilefacenet", weights=weights)
-    return TorchEmbedder(model, get_config("mobilefacenet"), device=device, **_options(options))
+    path = bundled(DEFAULT_WEIGHTS) if weights is None else Path(weights)
+    model = create_model("mobilefacenet", weights=path)
+    return _build("mobilefacenet", model, path, device, options)
 
 
-def _create_iresnet(name: str, weights: str | os.PathLike | None, device: str, options: dict[str, Any]) -> TorchEmbedder:
+def _create_iresnet(name: str, weights: str | os.PathLike | None, device: str, options: dict[str, Any]) -> Embedder:
     if weights is None:
         raise ValueError(
             f"{name} needs weights: pass --weights backbone.pth (insightface arcface_torch model.pt / backbone.pth); "
             "no weights are bundled for it (insightface weights are licensed for non-commercial research only)"
         )
     model = create_model(name, weights=weights)
-    return TorchEmbedder(model, get_config(name), device=device, **_options(options))
+    return _build(name, model, weights, device, options)
 
 
-def create_iresnet18(weights: str | os.PathLike | None = None, device: str = "cpu", **options: Any) -> TorchEmbedder:
+def create_iresnet18(weights: str | os.PathLike | None = None, device: str = "cpu", **options: Any) -> Embedder:
     return _create_iresnet("iresnet18", weights, device, options)
 
 
-def create_iresnet34(weights: str | os.PathLike | None = None, device: str = "cpu", **options: Any) -> TorchEmbedder:
+def create_iresnet34(weights: str | os.PathLike | None = None, device: str = "cpu", **options: Any) -> Embedder:
     return _create_iresnet("iresnet34", weights, device, options)
 
 
-def create_iresnet50(weights: str | os.PathLike | None = None, device: str = "cpu", **options: Any) -> TorchEmbedder:
+def create_iresnet50(weights: str | os.PathLike | None = None, device: str = "cpu", **options: Any) -> Embedder:
     return _create_iresnet("iresnet50", weights, device, options)
 
 
-def create_iresnet100(weights: str | os.PathLike | None = None, device: str = "cpu", **options: Any) -> TorchEmbedder:
+def create_iresnet100(weights: str | os.PathLike | None = None, device: str = "cpu", **options: Any) -> Embedder:
     return _create_iresnet("iresnet100", weights, device, options)
 
 
-def create_iresnet200(weights: str | os.PathLike | None = None, device: str = "cpu", **options: Any) -> TorchEmbedder:
+def create_iresnet200(weights: str | os.PathLike | None = None, device: str = "cpu", **options: Any) -> Embedder:
     return _create_iresnet("iresnet200", weights, device, options)

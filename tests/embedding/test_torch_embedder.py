@@ -64,7 +64,7 @@ def test_iresnet_needs_weights_and_loads_them(tmp_path, crops):
     torch.manual_seed(0)
     source = create_model("iresnet18").eval()
     torch.save(source.state_dict(), tmp_path / "backbone.pth")
-    embedder = create_embedder("iresnet18", weights=str(tmp_path / "backbone.pth"), batch_size=8)
+    embedder = create_embedder("iresnet18", weights=str(tmp_path / "backbone.pth"), batch_size=8, backend="torch")
     assert embedder.embedding_size == 512
     x = torch.from_numpy(preprocess(crops[:2], get_config("iresnet18")))
     with torch.inference_mode():
@@ -72,11 +72,27 @@ def test_iresnet_needs_weights_and_loads_them(tmp_path, crops):
     np.testing.assert_allclose(embedder.embed(crops[:2], flip=False), expected, rtol=1e-4, atol=1e-3)
 
 
+def test_onnxruntime_backend_runs_the_same_weights(crops, tmp_path, monkeypatch):
+    monkeypatch.setenv("FACEPIPE_HOME", str(tmp_path))  # the export cache
+    on_torch = create_embedder("mobilefacenet", backend="torch")
+    on_ort = create_embedder("mobilefacenet", backend="onnxruntime", threads=1)
+    assert isinstance(on_torch, TorchEmbedder) and type(on_ort).__name__ == "OnnxEmbedder"
+    assert on_ort.name == "mobilefacenet" and on_ort.config.mean == (127.5,) * 3 and on_ort.config.std == (128.0,) * 3
+    expected = on_torch.embed(crops, flip=True)
+    assert np.abs(on_ort.embed(crops, flip=True) - expected).max() <= 1e-4 * np.abs(expected).max()
+    assert len(list((tmp_path / "onnx").glob("mobilefacenet-*.onnx"))) == 1
+    again = create_embedder("mobilefacenet", backend="onnxruntime", threads=1)  # reuses the cached export
+    assert again.path == on_ort.path
+    assert isinstance(create_embedder("mobilefacenet", backend="auto", fp16=False, batch_size=2), Embedder)
+
+
 def test_options_are_checked():
     with pytest.raises(TypeError, match="unknown embedder options: colour"):
         create_embedder("mobilefacenet", colour="rgb")
     with pytest.raises(ValueError, match="CUDA"):
         create_embedder("mobilefacenet", fp16=True)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        create_embedder("mobilefacenet", backend="tensorrt")
     with pytest.raises(ValueError, match="unknown embedding model"):
         create_embedder("resnet9000")
 
