@@ -235,7 +235,13 @@ class AlignWorker:
                 continue
             image, (sx, sy) = decoded[i][0], decoded[i][1]
             matrices = estimate_norm(np.stack([face.landmarks for face in kept]), cfg.size)
-            crops = warp_crops(image, matrices, cfg.size)
+            finite = np.isfinite(matrices).all(axis=(1, 2))  # coincident landmarks have no similarity transform
+            if not finite.any():
+                row.reason = "degenerate landmarks (all points coincide): cannot align"
+                results.append(ItemResult(row, []))
+                continue
+            kept = [face for face, ok in zip(kept, finite) if ok]
+            crops = warp_crops(image, matrices[finite], cfg.size)
             row.status = "ok"
             for face in kept:
                 original = face.scaled(sx, sy)

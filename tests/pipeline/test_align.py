@@ -371,3 +371,19 @@ def _write_list(tree: Path, list_file: Path) -> Path:
     paths = sorted(str(p) for p in tree.rglob("*.jpg"))
     list_file.write_text("# images\n" + "\n".join(paths) + "\n")
     return list_file
+
+
+def test_file_list_entries_that_are_folders_or_missing_and_degenerate_landmarks(tmp_path):
+    (tmp_path / "folder.jpg").mkdir()
+    shutil.copy(shared_path(*CFP, "001", "frontal", "01.jpg"), tmp_path / "flat.jpg")
+    (tmp_path / "list.txt").write_text("folder.jpg\nmissing.jpg\nflat.jpg\n")
+    (tmp_path / "lm.txt").write_text("flat.jpg " + " ".join(["50"] * 10) + "\n")
+    config = AlignConfig(landmarks_file=str(tmp_path / "lm.txt"))
+    summary = run_align(config, file_list_source(tmp_path / "list.txt"), tmp_path / "out", workers=0, progress=False)
+    assert summary.counts == {"ok": 0, "no_face": 0, "error": 3}
+    rows = {row.key: (row.status, row.reason) for row in read_manifest(tmp_path / "out" / "manifest.parquet")}
+    assert rows == {
+        "folder.jpg": ("error", "is a directory"),
+        "missing.jpg": ("error", "file not found"),
+        "flat.jpg": ("error", "degenerate landmarks (all points coincide): cannot align"),
+    }
