@@ -133,11 +133,13 @@ def test_vectorised_pooling_and_scoring_equal_loops(config):
     assert loop_scores[labels == 1].mean() > loop_scores[labels == 0].mean() + 0.3
 
 
-def test_score_pairs_sparse_random_pairs():
+@pytest.mark.parametrize("block", [32, 300])  # product blocks; one sparse block gathered in chunks
+def test_score_pairs_sparse_random_pairs(block):
     rng = np.random.default_rng(3)
     feats = rng.standard_normal((300, 8))
     rows1, rows2 = rng.integers(0, 300, 2000), rng.integers(0, 300, 2000)
-    np.testing.assert_allclose(score_pairs(feats, rows1, rows2, block=32), np.einsum("ij,ij->i", feats[rows1], feats[rows2]))
+    expected = np.einsum("ij,ij->i", feats[rows1], feats[rows2])
+    np.testing.assert_allclose(score_pairs(feats, rows1, rows2, block=block, gather_chunk=128), expected)
 
 
 def test_pooling_weights_are_media_means():
