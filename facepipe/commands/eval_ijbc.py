@@ -8,6 +8,7 @@ import click
 
 from facepipe.commands.common import device_option, model_option, resolve_device, set_threads, threads_option
 from facepipe.detection.base import DETECTOR_NAMES
+from facepipe.engine.cli_options import engine_option, engine_options, num_gpus_option, ray_address_option
 
 DETECTOR_CHOICES = ("given",) + DETECTOR_NAMES
 
@@ -32,13 +33,16 @@ DETECTOR_CHOICES = ("given",) + DETECTOR_NAMES
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--shard-size", type=int, default=4096, show_default=True, help="Images per cache shard (unit of resumption).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Feature cache root (default: <output>/feature_cache).")
-@click.option("--engine", type=click.Choice(["local"]), default="local", show_default=True, help="Where feature extraction runs.")
+@engine_option
+@ray_address_option
+@num_gpus_option
 @device_option
 @threads_option
 def ijbc(
     root: Path, target: str, output_dir: Path, model: str, weights: str | None, detectors: tuple[str, ...], detector_weights: str | None,
     flip: bool, norm_score: bool, detector_score: bool, configs: str | None, name: str | None, batch_size: int, shard_size: int,
     cache_dir: Path | None, engine: str, device: str, threads: int | None,
+    ray_address: str | None = None, num_gpus: float | None = None,
 ) -> None:
     """IJB-C / IJB-B 1:1 verification of ROOT (holding loose_crop/ and meta/).
 
@@ -47,7 +51,9 @@ def ijbc(
     from facepipe.evaluation import ijbc as protocol
 
     set_threads(threads)
-    device = resolve_device(device)
+    ray_options = engine_options(engine, ray_address, num_gpus)
+    if ray_options is None:
+        device = resolve_device(device)  # on Ray, actors get GPUs through --num-gpus
     if batch_size < 1 or shard_size < 1:
         raise click.UsageError("--batch-size and --shard-size must be positive")
     try:
@@ -71,7 +77,12 @@ def ijbc(
         except ValueError as error:
             raise click.ClickException(str(error)) from error
         if not cache.complete:
-            protocol.extract_features(layout, cache, extractor, batch_size=batch_size, engine=engine)
+            from facepipe.engine.ray_engine import RayEngineError
+
+            try:
+                protocol.extract_features(layout, cache, extractor, batch_size=batch_size, engine=engine, engine_options=ray_options)
+            except RayEngineError as error:
+                raise click.ClickException(str(error)) from None
         method = (name or model) + ("" if detector == "given" else f"+{detector}")
         results += protocol.evaluate_cache(layout, cache, score_configs, method, scores_dir=output_dir / "scores", pooling=pooling)
     paths = protocol.write_report(results, output_dir, title=f"ROC on {target}")
