@@ -1,0 +1,5 @@
+"""``python -m facepipe`` = the ``facepipe`` command."""
+
+from facepipe.cli import main
+
+main()
