@@ -43,6 +43,9 @@ def train() -> None:
 @click.option("--weights", "init_weights", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Initial weights (.pth, Pytorch_Retinaface layout), e.g. mobilenet0.25_Final.pth to fine-tune. "
               "Default: random initialisation.")
+@click.option("--backbone-weights", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="ImageNet backbone weights to start from, as the reference does: mobilenetV1X0.25_pretrain.tar "
+              "or torchvision resnet50 .pth (classifier keys are dropped).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Run folder: weights/, final.pth, resume.pt, log.jsonl, epochs.csv, config.json.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Default: 250 (mnet) / 100 (r50).")
@@ -74,7 +77,8 @@ def train() -> None:
 @device_option
 @threads_option
 def retinaface(
-    data_path: Path, data_format: str, images_dir: Path, backbone: str, init_weights: str | None, out_dir: Path,
+    data_path: Path, data_format: str, images_dir: Path, backbone: str, init_weights: str | None,
+    backbone_weights: str | None, out_dir: Path,
     epochs: int | None, batch_size: int | None, image_size: int | None, lr: float, lr_steps: str | None,
     warmup_epochs: float, momentum: float, weight_decay: float, negpos: int, box_weight: float,
     landmark_weight: float, positive_iou: float, ignore_iou: float, no_augment: bool, no_amp: bool, workers: int,
@@ -84,7 +88,7 @@ def retinaface(
     """Train RetinaFace: multi-task loss (softmax + OHEM, smooth-L1 boxes and 5 landmarks), SGD, step schedule.
 
     Faces without landmarks (label -1) train the box and class heads only. The paper's mesh-decoder branch
-    (self-supervised 3D) is not implemented: its 3D annotations are not public. Checkpoints are plain state
+    (dense 3D face mesh) is not implemented: the 3D data it needs are not public. Checkpoints are plain state
     dicts in the Pytorch_Retinaface key layout: evaluate with
     `facepipe eval widerface --detector retinaface --detector-weights OUT/final.pth ...`.
     """
@@ -106,7 +110,7 @@ def retinaface(
             lr_steps=steps, negatives_per_positive=negpos, positive_iou=positive_iou, ignore_face_below_iou=ignore_iou,
             box_weight=box_weight, landmark_weight=landmark_weight, num_workers=workers, seed=seed, device=device,
             amp=not no_amp, checkpoint_every=checkpoint_every, max_iters_per_epoch=max_iters_per_epoch,
-            augment=not no_augment, init_weights=init_weights,
+            augment=not no_augment, init_weights=init_weights, backbone_weights=backbone_weights,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
@@ -129,7 +133,7 @@ def retinaface(
             trainer.resume()
             click.echo(f"resuming at epoch {trainer.start_epoch + 1}", err=True)
         result = trainer.fit()
-    except CheckpointError as exc:
+    except (CheckpointError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     summary = {
         "final_weights": str(result.final_weights),

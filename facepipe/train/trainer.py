@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from facepipe.detection.priors import prior_boxes
-from facepipe.models.checkpoint import CheckpointError
+from facepipe.models.checkpoint import CheckpointError, load_state_dict_strict, read_state_dict
 from facepipe.models.retinaface import MNET025_SPEC, R50_SPEC, RetinaFace, load_retinaface_weights
 from facepipe.train.augment import EvalTransform, TrainAugment
 from facepipe.train.data import FaceDetectionDataset, TrainSample, collate
@@ -69,7 +69,8 @@ class TrainConfig:
     log_every: int = 1  # iterations
     max_iters_per_epoch: int | None = None  # cap for quick runs; None = whole data set
     augment: bool = True  # False: pad to square and resize only (debugging, overfitting checks)
-    init_weights: str | None = None
+    init_weights: str | None = None  # a whole RetinaFace checkpoint (fine-tuning)
+    backbone_weights: str | None = None  # an ImageNet backbone only (the reference's starting point)
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -105,6 +106,22 @@ def learning_rate(config: TrainConfig, epoch: int, step_in_epoch: int, iters_per
 
 def build_network(backbone: str) -> RetinaFace:
     return RetinaFace({"mobilenet0.25": MNET025_SPEC, "resnet50": R50_SPEC}[backbone])
+
+
+# Classifier parts of ImageNet checkpoints that RetinaFace's trunk does not have.
+_CLASSIFIER_PREFIXES = ("fc.", "avg.", "avgpool.", "classifier.")
+
+
+def load_backbone_weights(model: RetinaFace, path: str | os.PathLike) -> None:
+    """Load ImageNet weights into ``model.body`` (strict): the reference ``mobilenetV1X0.25_pretrain.tar``
+    (``{"state_dict": {"module.stage1...", "module.fc..."}}``) or a torchvision ``resnet50`` state dict."""
+    state_dict = read_state_dict(path)
+    trunk = {}
+    for key, value in state_dict.items():
+        key = key[len("body."):] if key.startswith("body.") else key
+        if not key.startswith(_CLASSIFIER_PREFIXES):
+            trunk[key] = value
+    load_state_dict_strict(model.body, trunk, source=str(path))
 
 
 def compute_priors(image_size: int) -> torch.Tensor:
@@ -147,8 +164,12 @@ class Trainer:
         self.dataset = FaceDetectionDataset(samples, transform, seed=config.seed)
         torch.manual_seed(config.seed)  # network initialisation
         self.model = build_network(config.backbone).to(self.device)
+        if config.init_weights and config.backbone_weights:
+            raise ValueError("give either init weights (whole detector) or backbone weights, not both")
         if config.init_weights:
             self._load_init_weights(config.init_weights)
+        if config.backbone_weights:
+            load_backbone_weights(self.model, config.backbone_weights)
         self.priors = compute_priors(config.image_size).to(self.device)
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay

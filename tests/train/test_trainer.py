@@ -101,3 +101,30 @@ def test_batches_do_not_depend_on_the_number_of_workers(tmp_path):
     for (images_a, targets_a), (images_b, targets_b) in zip(batches[0], batches[2]):
         assert torch.equal(images_a, images_b)
         assert all(torch.equal(a, b) for a, b in zip(targets_a, targets_b))
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet0.25", "resnet50"])
+def test_imagenet_backbone_weights_load_in_their_released_layouts(tmp_path, backbone):
+    """Checkpoints written in the released key layouts: the reference MobileNet pretrain .tar
+    ({"state_dict": module.-prefixed, with fc}) and torchvision resnet50 (no prefix, with fc)."""
+    from facepipe.train.trainer import build_network, load_backbone_weights
+
+    torch.manual_seed(0)
+    source = build_network(backbone).body
+    body = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in source.state_dict().items()}
+    if backbone == "mobilenet0.25":
+        released = {"state_dict": {**{f"module.{k}": v for k, v in body.items()},
+                                   "module.fc.weight": torch.zeros(1000, 256), "module.fc.bias": torch.zeros(1000)},
+                    "epoch": 250}
+    else:
+        released = {**body, "fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000)}
+    path = tmp_path / "imagenet.pth"
+    torch.save(released, path)
+    model = build_network(backbone)
+    load_backbone_weights(model, path)
+    loaded = model.body.state_dict()
+    assert all(torch.equal(loaded[k], body[k]) for k in body if not k.endswith("num_batches_tracked"))
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"stage9.weight": torch.zeros(1)}, wrong)
+    with pytest.raises(CheckpointError, match="missing keys"):
+        load_backbone_weights(model, wrong)
