@@ -172,6 +172,10 @@ def test_bad_input_raises_clear_errors(detector_area) -> None:
         create_mtcnn(order="largest")
     with pytest.raises(ValueError, match="factor"):
         create_mtcnn(factor=1.2)
+    with pytest.raises(ValueError, match="thresholds"):
+        create_mtcnn(thresholds="0.6,0.7,0.7")
+    with pytest.raises(ValueError, match="unknown MTCNN option.*threshold"):
+        create_detector("mtcnn", threshold=0.9)
 
 
 def test_colour_conversion() -> None:
@@ -283,3 +287,40 @@ def test_mismatched_weights_are_rejected(tmp_path) -> None:
         create_mtcnn(weights=tmp_path / "plain.pt")
     with pytest.raises(CheckpointError, match="not found"):
         create_mtcnn(weights=tmp_path / "absent.pt")
+
+
+def _one_by_one_nms(boxes, scores, threshold, min_mode):
+    """The textbook loop (torchvision's kernel / facenet-pytorch's nms_numpy) as an oracle for the blocked NMS."""
+    one = np.float32(1 if min_mode else 0)
+    x1, y1, x2, y2 = boxes.T
+    areas = (x2 - x1 + one) * (y2 - y1 + one)
+    order = list(np.argsort(scores)[::-1] if min_mode else np.argsort(-scores, kind="stable"))
+    keep = []
+    while order:
+        i, rest = order[0], np.array(order[1:], dtype=np.int64)
+        keep.append(i)
+        w = np.maximum(np.float32(0), np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + one)
+        h = np.maximum(np.float32(0), np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + one)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            if min_mode:
+                stay = (w * h) / np.minimum(areas[i], areas[rest]) <= np.float32(threshold)
+            else:
+                stay = ~(((w * h) / (areas[i] + areas[rest] - w * h)).astype(np.float64) > threshold)
+        order = list(rest[stay])
+    return keep
+
+
+@pytest.mark.parametrize("min_mode", [False, True])
+def test_blocked_nms_equals_the_one_by_one_loop(min_mode: bool) -> None:
+    rng = np.random.default_rng(7)
+    n = 1500  # several 256-box blocks
+    xy = rng.uniform(0, 300, (n, 2)).astype(np.float32)
+    boxes = np.concatenate([xy, xy + rng.uniform(4, 60, (n, 2)).astype(np.float32)], axis=1)
+    boxes[::5] = np.floor(boxes[::5])
+    boxes[1::97] = boxes[0]  # exact duplicates
+    boxes[3::211, 2] = boxes[3::211, 0] - 1  # zero area in the +1 convention (0/0 overlaps: NaN)
+    boxes[4::211, 3] = boxes[4::211, 1]  # zero area without +1
+    scores = np.round(rng.uniform(0.5, 1, n), 2).astype(np.float32)  # many exact ties
+    for threshold in (0.3, 0.5, 0.7):
+        blocked = (nms_min if min_mode else nms)(boxes, scores, threshold)
+        assert blocked.tolist() == _one_by_one_nms(boxes, scores, threshold, min_mode)

@@ -1,0 +1,170 @@
+"""MTCNN CPU speed: our batched cascade against a straightforward one-image path, in the same process.
+
+Configurations, all on a real photo (``images/group/t1.jpg``, 1280x886, 8 faces) and all producing the same
+faces (the script prints the largest difference to the first configuration):
+
+* ``facepipe, 1 image/call``: ``create_mtcnn().detect([image])``.
+* ``facepipe, N images/call``: the same image N times in one call (one P-Net pass per pyramid level for all
+  of them, R-Net / O-Net on the crops of all of them).
+* ``straightforward``: the facenet-pytorch structure re-run with the same networks and NMS - torch
+  ``interpolate(mode="area")`` per pyramid level and one ``interpolate`` call per R-Net / O-Net crop, one image
+  at a time. This is the path the integral image and the batching replace.
+* ``facenet-pytorch``: the reference package itself, when it is importable (it needs torchvision).
+
+Each figure is the median of ``--runs`` timed calls after ``--warmup`` untimed ones, in ms per image.
+
+    .venv/bin/python eval/bench_mtcnn.py --runs 5 --threads 1
+
+Figures are only comparable within one run; on a shared, loaded machine they are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from facepipe.detection.mtcnn import (
+    MTCNNDetector,
+    apply_regression,
+    batched_nms,
+    create_mtcnn,
+    crop_windows,
+    nms_min,
+    pyramid_scales,
+    square,
+)
+from facepipe.models.mtcnn import normalize_rgb
+
+ASSETS = Path(os.environ.get("FACEPIPE_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "assets"
+Result = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def straightforward_detect(det: MTCNNDetector, bgr: np.ndarray) -> Result:
+    """One image, torch resampling per level and per crop (the reference's structure); boxes by area."""
+    rgb = torch.from_numpy(np.ascontiguousarray(bgr[:, :, ::-1]))[None].permute(0, 3, 1, 2).float()
+    height, width = bgr.shape[:2]
+    zeros = lambda n: np.zeros(n, np.int64)  # noqa: E731
+    levels = []
+    for scale in pyramid_scales(height, width, det.min_face_size, det.factor):
+        pixels = F.interpolate(rgb, size=(int(height * scale + 1), int(width * scale + 1)), mode="area")
+        offsets, probs = (t[0].numpy() for t in det.pnet(normalize_rgb(pixels)))
+        ys, xs = np.nonzero(probs >= np.float32(det.thresholds[0]))
+        cells = np.stack([xs, ys], axis=1).astype(np.float32)
+        rows = np.concatenate([
+            np.floor((2 * cells + 1) / np.float32(scale)),
+            np.floor((2 * cells + 12) / np.float32(scale)),
+            probs[ys, xs][:, None],
+            offsets[:, ys, xs].T,
+        ], axis=1)
+        levels.append(rows[batched_nms(rows[:, :4], rows[:, 4], zeros(len(rows)), 0.5)])
+    rows = np.concatenate(levels)
+    rows = rows[batched_nms(rows[:, :4], rows[:, 4], zeros(len(rows)), 0.7)]
+    boxes, scores = square(apply_regression(rows[:, :4], rows[:, 5:9], plus_one=False)), rows[:, 4]
+
+    def crops(boxes: np.ndarray, size: int) -> tuple[np.ndarray, torch.Tensor]:
+        top, bottom, left, right, valid = crop_windows(boxes, width, height)
+        patches = [
+            F.interpolate(rgb[:, :, top[k]:bottom[k], left[k]:right[k]], size=(size, size), mode="area")
+            for k in np.flatnonzero(valid)
+        ]
+        return valid, normalize_rgb(torch.cat(patches))
+
+    valid, inputs = crops(boxes, 24)
+    offsets, probs = (t.numpy() for t in det.rnet(inputs))
+    passed = probs > np.float32(det.thresholds[1])
+    boxes, scores, offsets = boxes[valid][passed], probs[passed], offsets[passed]
+    keep = batched_nms(boxes, scores, zeros(len(boxes)), 0.7)
+    boxes, scores = square(apply_regression(boxes[keep], offsets[keep], plus_one=True)), scores[keep]
+
+    valid, inputs = crops(boxes, 48)
+    offsets, fractions, probs = (t.numpy() for t in det.onet(inputs))
+    passed = probs > np.float32(det.thresholds[2])
+    boxes, scores, offsets, fractions = boxes[valid][passed], probs[passed], offsets[passed], fractions[passed]
+    w, h = boxes[:, 2:3] - boxes[:, 0:1] + 1, boxes[:, 3:4] - boxes[:, 1:2] + 1
+    points = np.stack([w * fractions[:, :5] + boxes[:, 0:1] - 1, h * fractions[:, 5:] + boxes[:, 1:2] - 1], axis=2)
+    boxes = apply_regression(boxes, offsets, plus_one=True)
+    keep = nms_min(boxes, scores, 0.7)
+    boxes, scores, points = boxes[keep], scores[keep], points[keep]
+    order = np.argsort((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))[::-1]
+    return boxes[order], scores[order], points[order]
+
+
+def facenet_pytorch_detect() -> Callable[[np.ndarray], Result] | None:
+    try:
+        from facenet_pytorch import MTCNN  # type: ignore[import-not-found]
+    except Exception:  # not installed, or torchvision missing
+        return None
+    mtcnn = MTCNN(keep_all=True)
+
+    def run(bgr: np.ndarray) -> Result:
+        boxes, probs, points = mtcnn.detect(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), landmarks=True)
+        return np.asarray(boxes, np.float32), np.asarray(probs, np.float32), np.asarray(points, np.float32)
+
+    return run
+
+
+def time_ms(fn: Callable[[], object], runs: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def max_difference(a: Result, b: Result) -> str:
+    if a[0].shape != b[0].shape:
+        return f"different faces ({len(a[0])} vs {len(b[0])})"
+    return f"max |diff| box {np.abs(a[0] - b[0]).max(initial=0):.1e} px, prob {np.abs(a[1] - b[1]).max(initial=0):.1e}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--image", type=Path, default=ASSETS / "images" / "group" / "t1.jpg")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=8, help="images per call in the batched configuration")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    image = cv2.imread(str(args.image), cv2.IMREAD_COLOR)
+    if image is None:
+        raise SystemExit(f"cannot read {args.image}")
+    det = create_mtcnn(order="area", batch_size=args.batch)
+    print(f"{args.image.name} {image.shape[1]}x{image.shape[0]}, torch threads {args.threads}, "
+          f"median of {args.runs} runs, ms per image")
+
+    with torch.inference_mode():
+        ours = det.detect_arrays([image])[0]
+        rows = [("facepipe, 1 image/call", time_ms(lambda: det.detect([image]), args.runs, args.warmup), ours)]
+        batch = [image] * args.batch
+        batched_ms = time_ms(lambda: det.detect(batch), args.runs, args.warmup) / args.batch
+        rows.append((f"facepipe, {args.batch} images/call", batched_ms, det.detect_arrays(batch)[-1]))
+        plain = straightforward_detect(det, image)
+        rows.append(("straightforward", time_ms(lambda: straightforward_detect(det, image), args.runs, args.warmup), plain))
+        reference = facenet_pytorch_detect()
+        if reference is not None:
+            rows.append(("facenet-pytorch", time_ms(lambda: reference(image), args.runs, args.warmup), reference(image)))
+        else:
+            print("(facenet-pytorch not importable: reference package row skipped)")
+
+    base = rows[0][1]
+    print(f"{'configuration':<28}{'ms/image':>10}{'vs 1 image/call':>17}  faces  agreement with 1 image/call")
+    for name, ms, result in rows:
+        print(f"{name:<28}{ms:>10.1f}{ms / base:>16.2f}x  {len(result[1]):>5}  {max_difference(result, ours)}")
+
+
+if __name__ == "__main__":
+    main()
