@@ -104,8 +104,8 @@ def init_ray(options: RayOptions) -> Any:
     return ray
 
 
-def _resolve(ray: Any, options: RayOptions) -> _Resolved:
-    resources = ray.cluster_resources()
+def resolve_actors(resources: dict[str, float], options: RayOptions) -> _Resolved:
+    """Pool size, per-actor resources, device and thread count from the cluster's ``ray.cluster_resources()``."""
     cluster_gpus = float(resources.get("GPU", 0.0))
     cluster_cpus = float(resources.get("CPU", 1.0))
     num_gpus = options.num_gpus if options.num_gpus is not None else (0.5 if cluster_gpus > 0 else 0.0)
@@ -245,7 +245,7 @@ def run_align_ray(
         # Load the detector (or landmarks file) here first, on CPU: bad weights fail now with the local engine's
         # error instead of as actor deaths on the cluster.
         AlignWorker(replace(config, device="cpu"), source).prepare()
-        resolved = _resolve(ray, options)
+        resolved = resolve_actors(ray.cluster_resources(), options)
         actor_config = replace(config, device=resolved.device)
         batches = [
             (chunk_id, run.chunks[chunk_id][start : start + batch_size])
@@ -356,7 +356,7 @@ def embed_directory_ray(
         (shard, paths[b : b + batch_size]) for shard, paths in todo.items() for b in range(0, len(paths), batch_size)
     ]
     if batches:
-        resolved = _resolve(ray, options)
+        resolved = resolve_actors(ray.cluster_resources(), options)
         descriptors = [{"batch": b, "n": len(paths), "paths": paths} for b, (_, paths) in enumerate(batches)]
         remaining = defaultdict(int)
         for shard, _ in batches:
@@ -444,7 +444,7 @@ def extract_ijb_features_ray(
     missing = cache.missing_shards()
     if not missing:
         return cache
-    resolved = _resolve(ray, options)
+    resolved = resolve_actors(ray.cluster_resources(), options)
     if hasattr(extractor, "device") and hasattr(extractor, "models"):  # a FeatureExtractor: run it where the actor is
         extractor = replace(extractor, device=resolved.device)
     batches = [

@@ -118,15 +118,25 @@ class CrashOnceSource:
         return self.inner.read(item)
 
 
-def test_align_on_ray_retries_after_an_actor_crash(ray_cluster, images, local_aligned, tmp_path):
+def test_align_on_ray_reads_and_writes_recordio_and_retries_after_an_actor_crash(ray_cluster, images, tmp_path):
+    """A RecordIO input (the crops of a first run, re-detected on a padded copy) into a RecordIO output; the first
+    read kills the actor, Ray restarts it and retries the batch."""
     from facepipe.engine.ray_engine import run_align_ray
+    from facepipe.pipeline.sources import RecordIOSource
+
+    run_align(CONFIG, directory_source(images), tmp_path / "rec", sink_kind="recordio", workers=0, **ALIGN_ARGS)
+    config = AlignConfig(retry_padded=True)
+    rec = tmp_path / "rec" / "train.rec"
+    local = run_align(config, RecordIOSource(rec), tmp_path / "local", sink_kind="recordio", workers=0, **ALIGN_ARGS)
+    assert local.counts["ok"] >= 5  # tight crops: found again on the padded retry
 
     marker = tmp_path / "crashed"
-    source = CrashOnceSource(directory_source(images), str(marker))
-    summary = run_align_ray(CONFIG, source, tmp_path / "ray", RayOptions(actors=1, max_restarts=2, max_task_retries=2), **ALIGN_ARGS)
+    source = CrashOnceSource(RecordIOSource(rec), str(marker))
+    options = RayOptions(actors=1, max_restarts=2, max_task_retries=2)
+    summary = run_align_ray(config, source, tmp_path / "ray", options, sink_kind="recordio", **ALIGN_ARGS)
     assert marker.read_text() == "crashed"  # the actor did die once
-    assert summary.counts == {"ok": 7, "no_face": 0, "error": 1}
-    assert tree(tmp_path / "ray") == tree(local_aligned)
+    assert summary.counts == local.counts
+    assert tree(tmp_path / "ray") == tree(tmp_path / "local")  # train.rec / .idx / labels.tsv and the manifest
 
 
 @pytest.fixture(scope="module")
@@ -181,8 +191,9 @@ def test_ijbc_features_on_ray_equal_local_engine(ray_cluster, images, local_alig
     )
     extractor = ijbc.FeatureExtractor(model="mobilefacenet", detector="retinaface")
     key = extractor.cache_key(layout)
-    local = ijbc.extract_features(layout, ijbc.FeatureCache(tmp_path / "local", key, n, shard_size=3), extractor,
-                                  batch_size=2, progress=False)
+    with pytest.warns(UserWarning, match="002_broken.jpg unreadable"):
+        local = ijbc.extract_features(layout, ijbc.FeatureCache(tmp_path / "local", key, n, shard_size=3), extractor,
+                                      batch_size=2, progress=False)
     on_ray = ijbc.extract_features(layout, ijbc.FeatureCache(tmp_path / "ray", key, n, shard_size=3), extractor,
                                    batch_size=2, engine="ray", engine_options=RayOptions(actors=1), progress=False)
     assert on_ray.complete and on_ray.num_shards == 3
@@ -213,3 +224,21 @@ def test_ray_flags_need_the_ray_engine(images, tmp_path):
     assert result.exit_code == 2 and "--actors only applies to --engine ray" in result.output
     with pytest.raises(ValueError, match="at least 1 actor"):
         RayOptions(actors=0)
+
+
+def test_actor_pool_sizing_from_cluster_resources():
+    from facepipe.engine.ray_engine import RayEngineError, resolve_actors
+
+    cpu_only = {"CPU": 2.0, "memory": 8e9}
+    plan = resolve_actors(cpu_only, RayOptions())
+    assert (plan.actors, plan.num_gpus, plan.device, plan.threads) == (1, 0.0, "cpu", 1)  # one CPU left to Ray Data
+    assert resolve_actors({"CPU": 64.0}, RayOptions(num_cpus=4)).actors == 15
+    assert resolve_actors({"CPU": 64.0}, RayOptions(num_cpus=4)).threads == 4
+    gpus = {"CPU": 64.0, "GPU": 8.0}
+    plan = resolve_actors(gpus, RayOptions())
+    assert (plan.actors, plan.num_gpus, plan.device) == (16, 0.5, "cuda")  # two actors per GPU by default
+    assert resolve_actors(gpus, RayOptions(num_gpus=1)).actors == 8
+    assert resolve_actors(gpus, RayOptions(num_gpus=0)).device == "cpu"
+    assert resolve_actors(gpus, RayOptions(num_gpus=0.25, actors=3)).actors == 3
+    with pytest.raises(RayEngineError, match="has no GPUs"):
+        resolve_actors(cpu_only, RayOptions(num_gpus=1))
