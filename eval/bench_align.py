@@ -96,7 +96,7 @@ def baseline(paths: list[Path], root: Path, out_dir: Path, config: AlignConfig) 
     from facepipe.detection import create_detector
 
     start = time.perf_counter()
-    detector = create_detector(config.detector, config.detector_weights, config.device)
+    detector = create_detector(config.detector, config.detector_weights, config.device, **config.detector_options)
     for path in paths:
         try:
             image = read_image(path)
@@ -116,12 +116,16 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="use only the first N images (interleaved WIDER/CFP)")
     parser.add_argument("--workers", type=int, default=None, help="pipeline worker processes (default: one per core)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--backend", choices=["auto", "torch", "onnxruntime"], default="auto",
+                        help="RetinaFace backend for both (auto = onnxruntime on CPU)")
     args = parser.parse_args()
 
     paths, root = collect_images(args.limit)
-    config = AlignConfig()
+    # The baseline runs the detector exactly as the pipeline's workers build it (same threshold and options).
+    config = AlignConfig(detector_options={"backend": args.backend, "threshold": AlignConfig.min_score})
     pixels = sum(np.prod(cv2.imread(str(p), cv2.IMREAD_REDUCED_GRAYSCALE_8).shape) * 64 for p in paths) / len(paths)
-    print(f"{len(paths)} images (mean {pixels / 1e6:.2f} MP), cores {os.cpu_count()}, RetinaFace-mnet bundled weights")
+    print(f"{len(paths)} images (mean {pixels / 1e6:.2f} MP), cores {os.cpu_count()}, RetinaFace-mnet bundled "
+          f"weights, backend {args.backend}")
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
