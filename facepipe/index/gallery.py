@@ -287,15 +287,21 @@ class Gallery:
 
     def results_table(self, query_names: Sequence[str], scores: np.ndarray, ids: np.ndarray, extra: pd.DataFrame | None = None) -> pd.DataFrame:
         """Long table: one row per (query, rank) with the neighbour's path and identity."""
-        rows = []
-        for q, name in enumerate(query_names):
-            for rank, (score, gid) in enumerate(zip(scores[q], ids[q])):
-                if gid < 0:
-                    continue
-                hit = self.mapping.loc[int(gid)]
-                rows.append({"query": name, "rank": rank + 1, "score": float(score), "id": int(gid),
-                             "path": hit["path"], "identity": hit["identity"], "source": hit["source"]})
-        table = pd.DataFrame(rows, columns=["query", "rank", "score", "id", "path", "identity", "source"])
+        k = ids.shape[1]
+        flat_ids = ids.reshape(-1)
+        found = flat_ids >= 0
+        hits = self.mapping.reindex(flat_ids[found])
+        table = pd.DataFrame(
+            {
+                "query": np.repeat(np.asarray(query_names, dtype=object), k)[found],
+                "rank": np.tile(np.arange(1, k + 1), len(query_names))[found],
+                "score": scores.reshape(-1)[found].astype(float),
+                "id": flat_ids[found].astype(np.int64),
+                "path": hits["path"].to_numpy(),
+                "identity": hits["identity"].to_numpy(),
+                "source": hits["source"].to_numpy(),
+            }
+        )
         if extra is not None and len(table):
             table = table.merge(extra, on="query", how="left")
         return table
