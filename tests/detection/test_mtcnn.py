@@ -193,10 +193,14 @@ def test_pyramid_scales_follow_the_reference_rule() -> None:
     assert pyramid_scales(19, 19, 20, 0.709) == []
 
 
-def test_area_resize_is_bit_identical_to_torch_area_interpolation() -> None:
+@pytest.mark.parametrize("table", ["int32", "float64"])
+def test_area_resize_is_bit_identical_to_torch_area_interpolation(table: str, monkeypatch) -> None:
+    if table == "float64":  # the summed-area table of images above ~8.4 Mpx; forced here on a small one
+        monkeypatch.setattr("facepipe.detection.mtcnn.INT32_SAFE_PIXELS", 100)
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (97, 131, 3), dtype=np.uint8)
     integral = IntegralImage(rgb)
+    assert integral.table.dtype == np.dtype(table)
     tensor = torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
     for size in [(59, 80), (30, 41), (12, 17), (150, 200)]:
         expected = torch.nn.functional.interpolate(tensor, size=size, mode="area")[0].permute(1, 2, 0).numpy()
