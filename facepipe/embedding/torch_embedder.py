@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -152,10 +153,14 @@ def exported_onnx_path(name: str, model: nn.Module, weights: str | os.PathLike) 
 
     key = hashlib.sha256(f"{name}|{sha256_of(weights)}|{torch.__version__}".encode()).hexdigest()[:20]
     path = cache_dir() / "onnx" / f"{name}-{key}.onnx"
-    if not path.is_file():
+    if path.is_file():
+        return path
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        export_onnx(model, get_config(name), path)
-    return path
+        return export_onnx(model, get_config(name), path)
+    except OSError:  # read-only cache (e.g. a locked-down worker): export for this process only
+        folder = Path(tempfile.mkdtemp(prefix="facepipe-onnx-"))
+        return export_onnx(model, get_config(name), folder / path.name)
 
 
 def _build(name: str, model: nn.Module, weights: str | os.PathLike, device: str, options: dict[str, Any]) -> Embedder:
