@@ -3,7 +3,6 @@ import io
 import os
 import pickle
 import struct
-import sys
 from pathlib import Path
 
 import numpy as np
