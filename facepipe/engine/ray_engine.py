@@ -23,6 +23,7 @@ keeps failing ends the job after the retries, leaving every committed chunk in p
 from __future__ import annotations
 
 import os
+import socket
 import time
 import warnings
 from collections import defaultdict
@@ -96,12 +97,26 @@ def init_ray(options: RayOptions) -> Any:
     """Connect to (or start) the cluster unless this process is already connected."""
     ray = import_ray()
     if not ray.is_initialized():
+        check_address(options.address)
         try:
             ray.init(address=options.address, include_dashboard=False, logging_level="WARNING")
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = options.address or os.environ.get("RAY_ADDRESS") or "a new local cluster"
             raise RayEngineError(f"cannot start or join the Ray cluster ({where}): {exc}") from None
     return ray
+
+
+def check_address(address: str | None, timeout: float = 5.0) -> None:
+    """Fail in seconds on a wrong ``HOST:PORT`` (Ray itself keeps retrying for minutes)."""
+    if address is None or address in ("auto", "local"):
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        raise RayEngineError(f"--ray-address {address!r}: expected HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise RayEngineError(f"no Ray cluster answers at {address} ({exc}); start one with `ray start --head`") from None
 
 
 def resolve_actors(resources: dict[str, float], options: RayOptions) -> _Resolved:

@@ -242,3 +242,14 @@ def test_actor_pool_sizing_from_cluster_resources():
     assert resolve_actors(gpus, RayOptions(num_gpus=0.25, actors=3)).actors == 3
     with pytest.raises(RayEngineError, match="has no GPUs"):
         resolve_actors(cpu_only, RayOptions(num_gpus=1))
+
+
+def test_wrong_ray_address_fails_fast():
+    from facepipe.engine.ray_engine import RayEngineError, check_address
+
+    with pytest.raises(RayEngineError, match="no Ray cluster answers at 127.0.0.1:1"):
+        check_address("127.0.0.1:1")
+    with pytest.raises(RayEngineError, match="expected HOST:PORT"):
+        check_address("nonsense")
+    check_address("auto")  # Ray's own discovery of a local `ray start --head`
+    check_address(None)
