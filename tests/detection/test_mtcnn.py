@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -66,13 +67,10 @@ def _assert_parity(result, golden, key: str) -> None:
     np.testing.assert_allclose(points, g_points, rtol=0, atol=PX_TOL, err_msg=key)
 
 
-def _check_decoder(golden, key: str, image: np.ndarray) -> None:
-    meta = json.loads(str(golden["__meta__"]))
-    expected = meta.get("images", {}).get(key, {}).get("bgr_md5")
-    if expected is not None:
-        import hashlib
-
-        assert hashlib.md5(np.ascontiguousarray(image).tobytes()).hexdigest() == expected, f"decoder differs: {key}"
+def _decoded_md5s() -> dict[str, str]:
+    """md5 of each golden image's decoded BGR pixels (recorded in the RetinaFace golden metadata)."""
+    meta = json.loads(str(np.load(shared_path("golden", "retinaface_mnet_shared.npz"))["__meta__"]))
+    return {key: info["bgr_md5"] for key, info in meta["images"].items()}
 
 
 @pytest.mark.shared
@@ -94,8 +92,9 @@ def test_t1_matches_facenet_pytorch_exactly(golden_mtcnn, detector_area) -> None
 def test_default_subset_matches_facenet_pytorch_in_one_batch(golden_mtcnn, detector_area) -> None:
     """Several sizes in one call (grouped by size internally) give each image its single-image reference result."""
     images = [_read(key) for key in DEFAULT_SUBSET]
-    for key, image in zip(DEFAULT_SUBSET, images):
-        _check_decoder(golden_mtcnn, key, image)
+    md5s = _decoded_md5s()
+    for key, image in zip(DEFAULT_SUBSET, images):  # a decoder difference is not a model difference
+        assert hashlib.md5(image.tobytes()).hexdigest() == md5s[key], f"decoded pixels differ: {key}"
     for key, result in zip(DEFAULT_SUBSET, detector_area.detect_arrays(images)):
         _assert_parity(result, golden_mtcnn, key)
 
