@@ -230,6 +230,16 @@ class AlignActor:
         return pa.Table.from_pydict(out, schema=ALIGN_RESULT_SCHEMA)
 
 
+def _reader_only(source: Any) -> Any:
+    """What actors need of the source: ``read(item)``. A file source's ``read`` uses only the item's path, so its
+    list of every input path (hundreds of MB for millions of images) stays in the driver."""
+    from facepipe.pipeline.sources import FileSource
+
+    if isinstance(source, FileSource):
+        return FileSource([], source.root, source.description)
+    return source
+
+
 def run_align_ray(
     config: Any,
     source: Any,
@@ -288,7 +298,7 @@ def run_align_ray(
                 ]
                 collector.add(batches[batch_id][0], results)
 
-            _stream(descriptors, AlignActor, (actor_config, source, resolved.threads), resolved, options, commit)
+            _stream(descriptors, AlignActor, (actor_config, _reader_only(source), resolved.threads), resolved, options, commit)
     counts = run.finish()
     processed = len(run.items) - run.skipped
     return AlignSummary(counts, processed, run.skipped, run.crops_written, time.perf_counter() - started, run.manifest_path)
