@@ -163,7 +163,7 @@ def _stream(
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the driver shows one tqdm bar over the inputs, as the local engine
     expected = {int(d["batch"]): int(d["n"]) for d in descriptors}
-    dataset = ray.data.from_items(descriptors, override_num_blocks=min(len(descriptors), 4 * resolved.actors + 16))
+    dataset = ray.data.from_items(descriptors)
     with warnings.catch_warnings():
         # Ray 2.60 deprecates passing max_restarts / max_task_retries through **ray_remote_args but has no named
         # parameter for them yet; its defaults (-1, -1) would retry a crashing batch forever.
