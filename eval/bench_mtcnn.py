@@ -11,7 +11,8 @@ faces (the script prints the largest difference to the first configuration):
   at a time. This is the path the integral image and the batching replace.
 * ``facenet-pytorch``: the reference package itself, when it is importable (it needs torchvision).
 
-Each figure is the median of ``--runs`` timed calls after ``--warmup`` untimed ones, in ms per image.
+Each figure is the median of ``--runs`` timed calls after ``--warmup`` untimed ones, in ms per image; the
+configurations take turns, so a change of load hits all of them alike.
 
     .venv/bin/python eval/bench_mtcnn.py --runs 5 --threads 1
 
@@ -112,15 +113,18 @@ def facenet_pytorch_detect() -> Callable[[np.ndarray], Result] | None:
     return run
 
 
-def time_ms(fn: Callable[[], object], runs: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def time_round_robin(configs: dict[str, Callable[[], object]], runs: int, warmup: int) -> dict[str, float]:
+    """Median ms per call of each configuration, timed in turns so that load changes hit them all alike."""
+    for fn in configs.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+        for name, fn in configs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1000)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def max_difference(a: Result, b: Result) -> str:
@@ -146,19 +150,30 @@ def main() -> None:
     print(f"{args.image.name} {image.shape[1]}x{image.shape[0]}, torch threads {args.threads}, "
           f"median of {args.runs} runs, ms per image")
 
+    batch = [image] * args.batch
+    batched_name = f"facepipe, {args.batch} images/call"
+    configs: dict[str, Callable[[], object]] = {
+        "facepipe, 1 image/call": lambda: det.detect([image]),
+        batched_name: lambda: det.detect(batch),
+        "straightforward": lambda: straightforward_detect(det, image),
+    }
+    reference = facenet_pytorch_detect()
+    if reference is not None:
+        configs["facenet-pytorch"] = lambda: reference(image)
+    else:
+        print("(facenet-pytorch not importable: reference package row skipped)")
     with torch.inference_mode():
         ours = det.detect_arrays([image])[0]
-        rows = [("facepipe, 1 image/call", time_ms(lambda: det.detect([image]), args.runs, args.warmup), ours)]
-        batch = [image] * args.batch
-        batched_ms = time_ms(lambda: det.detect(batch), args.runs, args.warmup) / args.batch
-        rows.append((f"facepipe, {args.batch} images/call", batched_ms, det.detect_arrays(batch)[-1]))
-        plain = straightforward_detect(det, image)
-        rows.append(("straightforward", time_ms(lambda: straightforward_detect(det, image), args.runs, args.warmup), plain))
-        reference = facenet_pytorch_detect()
+        results = {
+            "facepipe, 1 image/call": ours,
+            batched_name: det.detect_arrays(batch)[-1],
+            "straightforward": straightforward_detect(det, image),
+        }
         if reference is not None:
-            rows.append(("facenet-pytorch", time_ms(lambda: reference(image), args.runs, args.warmup), reference(image)))
-        else:
-            print("(facenet-pytorch not importable: reference package row skipped)")
+            results["facenet-pytorch"] = reference(image)
+        timings = time_round_robin(configs, args.runs, args.warmup)
+    timings[batched_name] /= args.batch
+    rows = [(name, timings[name], results[name]) for name in configs]
 
     base = rows[0][1]
     print(f"{'configuration':<28}{'ms/image':>10}{'vs 1 image/call':>17}  faces  agreement with 1 image/call")
