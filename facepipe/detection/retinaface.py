@@ -58,13 +58,22 @@ class RetinaFaceSettings:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
+        # Options may arrive from the command line as JSON numbers or strings: normalise the types once.
+        try:
+            for name in ("top_k", "keep_top_k", "target_size", "max_size", "batch_size"):
+                object.__setattr__(self, name, int(getattr(self, name)))
+            for name in ("threshold", "confidence_threshold", "nms_threshold", "vote_threshold"):
+                object.__setattr__(self, name, float(getattr(self, name)))
+            object.__setattr__(self, "multiscale_sizes", tuple(int(v) for v in self.multiscale_sizes))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"invalid RetinaFace setting: {exc}") from None
         if self.scale not in ("original", "fixed", "multiscale"):
             raise ValueError(f"scale must be 'original', 'fixed' or 'multiscale', got {self.scale!r}")
         for name in ("top_k", "keep_top_k", "target_size", "max_size", "batch_size"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("threshold", "confidence_threshold", "nms_threshold", "vote_threshold"):
-            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+            if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.scale == "multiscale" and not self.multiscale_sizes:
             raise ValueError("multiscale needs at least one size in multiscale_sizes")
@@ -234,8 +243,6 @@ _SETTING_NAMES = set(RetinaFaceSettings.__dataclass_fields__)
 def _split_options(options: dict[str, Any]) -> tuple[RetinaFaceSettings, dict[str, Any]]:
     settings = {k: v for k, v in options.items() if k in _SETTING_NAMES}
     rest = {k: v for k, v in options.items() if k not in _SETTING_NAMES}
-    if "multiscale_sizes" in settings:
-        settings["multiscale_sizes"] = tuple(int(v) for v in settings["multiscale_sizes"])
     return RetinaFaceSettings(**settings), rest
 
 

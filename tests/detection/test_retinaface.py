@@ -197,6 +197,10 @@ def test_bad_input_and_options_are_refused():
         RetinaFaceSettings(scale="huge")
     with pytest.raises(ValueError, match="threshold"):
         RetinaFaceSettings(threshold=1.5)
+    with pytest.raises(ValueError, match="invalid RetinaFace setting"):
+        RetinaFaceSettings(top_k="many")
+    parsed = RetinaFaceSettings(max_size="1600", threshold=1, multiscale_sizes=[500, 900])  # CLI-style values
+    assert parsed.max_size == 1600 and parsed.threshold == 1.0 and parsed.multiscale_sizes == (500, 900)
     with pytest.raises(ValueError, match="fp16"):
         create_retinaface_mnet(backend="torch", fp16=True)  # CPU
 
