@@ -25,6 +25,10 @@ DETECTOR_CHOICES = ("given",) + DETECTOR_NAMES
     "the detector score (no matching face: given points, counted). Repeat to compare in one table and plot.",
 )
 @click.option("--detector-weights", type=click.Path(exists=True, dir_okay=False), default=None, help="Detector weights file.")
+@click.option(
+    "--detector-pad", type=click.FloatRange(0.0, 2.0), default=0.2, show_default=True,
+    help="Black border around each loose crop before re-detection, as a fraction of its longer side (faces filling the crop need it).",
+)
 @click.option("--flip/--no-flip", default=True, show_default=True, help="F: add the mirror's embedding.")
 @click.option("--norm-score/--no-norm-score", default=True, show_default=True, help="N: keep raw image norms as quality (no per-image L2).")
 @click.option("--detector-score/--no-detector-score", default=True, show_default=True, help="D: multiply image features by the face score.")
@@ -40,6 +44,7 @@ DETECTOR_CHOICES = ("given",) + DETECTOR_NAMES
 @threads_option
 def ijbc(
     root: Path, target: str, output_dir: Path, model: str, weights: str | None, detectors: tuple[str, ...], detector_weights: str | None,
+    detector_pad: float,
     flip: bool, norm_score: bool, detector_score: bool, configs: str | None, name: str | None, batch_size: int, shard_size: int,
     cache_dir: Path | None, engine: str, device: str, threads: int | None,
     ray_address: str | None = None, num_gpus: float | None = None,
@@ -68,7 +73,7 @@ def ijbc(
     for detector in dict.fromkeys(detectors):
         extractor = protocol.FeatureExtractor(
             model=model, weights=weights, detector=None if detector == "given" else detector,
-            detector_weights=None if detector == "given" else detector_weights, device=device,
+            detector_weights=None if detector == "given" else detector_weights, device=device, detector_pad=detector_pad,
         )
         key = extractor.cache_key(layout)
         directory = cache_root / f"{target}_{model}_{detector}_{protocol.FeatureCache.key_digest(key)}"

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import cv2
 import numpy as np
 import pandas as pd
 import scipy.sparse
@@ -464,11 +465,15 @@ def extract_batch(
     embedder: Any,
     detector: Any | None = None,
     crop_size: int = 112,
+    detector_pad: float = 0.2,
 ) -> dict[str, np.ndarray]:
     """Features for one batch of loose crops: ``{"features": (n,2,D), "score": (n,), "flag": (n,)}``.
 
     Aligns from the given points, or from the matching face of ``detector`` (its score replaces the given
     faceness; no match -> given points, flagged). Unreadable images get zero features and a flag.
+    Before detection each loose crop gets a black border of ``detector_pad`` x its longer side: faces that fill
+    the crop otherwise get boxes beyond the image, and MTCNN then misplaces the landmarks (measured on CFP:
+    median landmark error 18% of the face size without the border, 5% with 0.2).
     """
     n = len(paths)
     landmarks = np.asarray(landmarks, dtype=np.float32).reshape(n, 5, 2).copy()
@@ -484,8 +489,11 @@ def extract_batch(
             flags[i] = FLAG_UNREADABLE
     readable = [i for i, image in enumerate(images) if image is not None]
     if detector is not None and readable:
-        detections = detector.detect([images[i] for i in readable])
-        for i, faces in zip(readable, detections):
+        borders = [int(round(detector_pad * max(images[i].shape[:2]))) for i in readable]
+        padded = [cv2.copyMakeBorder(images[i], b, b, b, b, cv2.BORDER_CONSTANT, value=0) for i, b in zip(readable, borders)]
+        detections = detector.detect(padded)
+        for i, border, faces in zip(readable, borders, detections):
+            faces = [face.translated(-border, -border) for face in faces]
             face = match_detection(faces, landmarks[i])
             if face is None:
                 flags[i] = FLAG_DETECTOR_FALLBACK
@@ -517,6 +525,7 @@ class FeatureExtractor:
     detector_weights: str | None = None
     device: str = "cpu"
     crop_size: int = 112
+    detector_pad: float = 0.2  # black border, fraction of the longer side, around each crop before detection
     _models: tuple[Any, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     def models(self) -> tuple[Any, Any]:
@@ -539,7 +548,7 @@ class FeatureExtractor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         embedder, detector = self.models()
-        out = extract_batch(list(batch["path"]), batch["landmarks"], batch["faceness"], embedder, detector, self.crop_size)
+        out = extract_batch(list(batch["path"]), batch["landmarks"], batch["faceness"], embedder, detector, self.crop_size, self.detector_pad)
         return {**batch, **out}
 
     def embedding_size(self) -> int:
@@ -559,6 +568,7 @@ class FeatureExtractor:
             "detector": self.detector or GIVEN_LANDMARKS,
             "detector_weights": self.detector_weights,
             "crop_size": self.crop_size,
+            "detector_pad": self.detector_pad if self.detector else None,
         }
 
 

@@ -58,7 +58,7 @@ def caches(output: Path) -> dict[str, ijbc.FeatureCache]:
 
 def test_cli_switches_and_detector_comparison_match_loops(mini_ijbc, tmp_path):
     output = tmp_path / "out"
-    stdout = run_cli(str(mini_ijbc), "-o", str(output), "--configs", "all", "--detector", "given", "--detector", "retinaface", "--shard-size", "40", "--batch-size", "16")
+    stdout = run_cli(str(mini_ijbc), "-o", str(output), "--configs", "all", "--detector", "given", "--detector", "retinaface", "--detector-pad", "0", "--shard-size", "40", "--batch-size", "16")
     layout = ijbc.read_ijb_layout(mini_ijbc)
     results = json.loads((output / "tar_far.json").read_text())
     assert len(results) == 16 and stdout.splitlines()[0] == "| Methods | 1e-06 | 1e-05 | 0.0001 | 0.001 | 0.01 | 0.1 |"
@@ -81,8 +81,8 @@ def test_cli_switches_and_detector_comparison_match_loops(mini_ijbc, tmp_path):
         tars = by_name[f"{method} N1D1F1"]["TAR@FAR"]
         assert line == f"| {method} N1D1F1 | " + " | ".join(f"{tars[ijbc.far_key(x)] * 100:.2f}" for x in ijbc.FAR_LEVELS) + " |"
 
-    # The given five points came from the same RetinaFace, so re-detection finds the same face: same points
-    # (to the 2 decimals stored), the same scores (6 decimals) and features equal to float noise.
+    # The given five points came from the same RetinaFace on the unpadded crops, so re-detection without a border
+    # finds the same face: same points (to the 2 decimals stored), same scores (6 decimals), features equal to noise.
     given = np.concatenate([f for _, f, _, _ in found["given"].iter_shards()])
     redetected = np.concatenate([f for _, f, _, _ in found["retinaface"].iter_shards()])
     assert not found["retinaface"].flags().any()

@@ -308,6 +308,41 @@ def test_match_detection_picks_nearest_and_rejects_other_faces():
     assert ijbc.match_detection([], given) is None
 
 
+class FixedDetector:
+    """Reports one face at fixed coordinates of whatever image it is given, to test the border bookkeeping."""
+
+    name = "fixed"
+
+    def __init__(self):
+        self.shapes = []
+
+    def detect(self, images):
+        from facepipe.types import Face
+
+        self.shapes += [image.shape for image in images]
+        landmarks = np.array([[70, 80], [120, 80], [95, 105], [75, 130], [115, 130]], np.float32)
+        return [[Face(box=[50, 50, 140, 160], score=0.75, landmarks=landmarks)] for _ in images]
+
+
+def test_extract_batch_redetects_on_padded_crop(tmp_path):
+    import cv2
+
+    from facepipe.alignment import norm_crop
+
+    image = np.random.default_rng(2).integers(0, 255, (150, 130, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "a.png"), image)
+    detector = FixedDetector()
+    given = np.array([[40, 50], [90, 50], [65, 75], [45, 100], [85, 100]], np.float32)
+    out = ijbc.extract_batch([str(tmp_path / "a.png")], given[None], np.array([0.9]), FlipSensitiveEmbedder(), detector, detector_pad=0.2)
+    assert detector.shapes == [(150 + 60, 130 + 60, 3)]  # border 0.2 x 150 = 30 px each side
+    # The detected points, shifted back by the border, are the given ones + (0, 0): same crop, detector score.
+    np.testing.assert_allclose(out["features"][0, 0], FlipSensitiveEmbedder().embed(norm_crop(image, given, 112)[None])[0], rtol=1e-6)
+    assert out["score"][0] == pytest.approx(0.75) and out["flag"][0] == ijbc.FLAG_OK
+    far_given = given + 60  # the only detection is now far from the given face: fall back, keep given score
+    out = ijbc.extract_batch([str(tmp_path / "a.png")], far_given[None], np.array([0.9]), FlipSensitiveEmbedder(), detector, detector_pad=0.2)
+    assert out["flag"][0] == ijbc.FLAG_DETECTOR_FALLBACK and out["score"][0] == pytest.approx(0.9)
+
+
 def test_feature_extractor_pickles_without_models():
     extractor = ijbc.FeatureExtractor(model="mobilefacenet", detector="retinaface")
     extractor._models = (object(), object())
