@@ -154,18 +154,35 @@ def test_bad_inputs_each_become_a_row_and_the_run_exits_0(tmp_path):
 
 
 def test_unreadable_file_is_an_error_row(tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("running as root: chmod 000 does not stop root from reading, so there is nothing to test")
     src = tmp_path / "in"
     src.mkdir()
     shutil.copy(shared_path(*CFP, "001", "frontal", "01.jpg"), src / "locked.jpg")
+    shutil.copy(shared_path(*CFP, "001", "frontal", "02.jpg"), src / "open.jpg")
     (src / "locked.jpg").chmod(0)
     try:
-        run_align(AlignConfig(), directory_source(src), tmp_path / "out", workers=0, progress=False)
+        if os.geteuid() == 0:
+            _align_as_unprivileged_user(tmp_path, src, tmp_path / "out")
+        else:
+            run_align(AlignConfig(), directory_source(src), tmp_path / "out", workers=0, progress=False)
     finally:
         (src / "locked.jpg").chmod(0o644)
-    row = read_manifest(tmp_path / "out" / "manifest.parquet")[0]
-    assert (row.status, row.reason) == ("error", "permission denied")
+    rows = {row.key: row for row in read_manifest(tmp_path / "out" / "manifest.parquet")}
+    assert (rows["locked.jpg"].status, rows["locked.jpg"].reason) == ("error", "permission denied")
+    assert rows["open.jpg"].status == "ok"
+
+
+def _align_as_unprivileged_user(tmp_path: Path, src: Path, out: Path) -> None:
+    """Root reads any file whatever its mode: run the CLI with the capabilities that allow it dropped."""
+    setpriv = shutil.which("setpriv")  # util-linux
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: cannot make a file unreadable")
+    caps = "-dac_override,-dac_read_search"
+    done = subprocess.run(
+        [setpriv, f"--inh-caps={caps}", f"--bounding-set={caps}",
+         sys.executable, "-m", "facepipe", "align", str(src), "--out", str(out), "--workers", "0"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
 
 
 def test_large_jpeg_is_detected_at_reduced_size_with_boxes_in_original_pixels(tmp_path):
