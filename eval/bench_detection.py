@@ -36,6 +36,9 @@ PAPER_VGA_MS = 17.2
 SIZES = {"VGA 640x480": (640, 480), "HD 1920x1080": (1920, 1080)}
 
 
+IDLE_BETWEEN_CALLS_S = 0.25
+
+
 def interleaved_medians_ms(calls: dict[str, Callable[[], object]], runs: int, warmup: int) -> dict[str, float]:
     """Median time of each call, timing them in turn (round robin) so that load changes hit all alike."""
     for call in calls.values():
@@ -44,6 +47,9 @@ def interleaved_medians_ms(calls: dict[str, Callable[[], object]], runs: int, wa
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(runs):
         for name, call in calls.items():
+            # onnxruntime and OpenMP worker threads spin-wait after a call; without a pause they steal the
+            # cores of whichever configuration runs next (measured: 2-thread ORT rows 1.9x slower in turn).
+            time.sleep(IDLE_BETWEEN_CALLS_S)
             start = time.perf_counter()
             call()
             times[name].append(time.perf_counter() - start)
