@@ -293,25 +293,20 @@ splits_option = click.option(
 )
 
 
+# The options shared by the raw-image protocols (cfp, lfw): the detect -> align -> embed pipeline and its outputs.
+raw_protocol_options = [
+    detector_option, detector_weights_option, model_option, weights_option, device_option, threads_option,
+    batch_size_option, splits_option, limit_option, min_score_option, pad_option, *cache_options, out_option,
+    roc_option,
+]
+
+
 @click.command()
 @click.option("--root", type=click.Path(file_okay=False, exists=True), required=True,
               help="CFP data set folder (holds Protocol/ and Data/).")
 @click.option("--protocol", "protocols", type=click.Choice(["FF", "FP"]), multiple=True, default=("FF", "FP"),
               show_default=True, help="Which protocol(s); repeatable.")
-@detector_option
-@detector_weights_option
-@model_option
-@weights_option
-@device_option
-@threads_option
-@batch_size_option
-@splits_option
-@limit_option
-@min_score_option
-@pad_option
-@_apply(cache_options)
-@out_option
-@roc_option
+@_apply(raw_protocol_options)
 def cfp(root, protocols, detector, detector_weights, model, weights, device, threads, batch_size, splits, limit,
         min_score, pad, cache_dir, no_cache, out, roc) -> None:
     """CFP-FF / CFP-FP from the raw images: detect, align, embed, 10-fold on the official splits."""
@@ -344,20 +339,7 @@ def cfp(root, protocols, detector, detector_weights, model, weights, device, thr
               help="LFW image folder (<root>/<name>/<name>_0001.jpg).")
 @click.option("--pairs", "pairs_file", type=click.Path(dir_okay=False, exists=True), required=True,
               help="The protocol file (pairs.txt).")
-@detector_option
-@detector_weights_option
-@model_option
-@weights_option
-@device_option
-@threads_option
-@batch_size_option
-@splits_option
-@limit_option
-@min_score_option
-@pad_option
-@_apply(cache_options)
-@out_option
-@roc_option
+@_apply(raw_protocol_options)
 def lfw(root, pairs_file, detector, detector_weights, model, weights, device, threads, batch_size, splits, limit,
         min_score, pad, cache_dir, no_cache, out, roc) -> None:
     """LFW from the raw images and pairs.txt: detect, align, embed, 10-fold on the official sets."""
