@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from facepipe.embedding.base import embed_in_batches
 from facepipe.embedding.torch_embedder import preprocess
 from facepipe.models.registry import ModelConfig
 
@@ -200,17 +201,7 @@ class OnnxEmbedder:
         return self._run_session(self.session, x)
 
     def embed(self, crops: np.ndarray, flip: bool = True) -> np.ndarray:
-        x = preprocess(crops, self.config)
-        out = np.empty((len(x), self.embedding_size), dtype=np.float32)
-        step = max(1, self.batch_size // 2) if flip else self.batch_size
-        for start in range(0, len(x), step):
-            chunk = x[start : start + step]
-            if flip:
-                both = self._run(np.concatenate([chunk, np.ascontiguousarray(chunk[..., ::-1])]))
-                out[start : start + len(chunk)] = both[: len(chunk)] + both[len(chunk) :]
-            else:
-                out[start : start + len(chunk)] = self._run(chunk)
-        return out
+        return embed_in_batches(preprocess(crops, self.config), self._run, self.batch_size, self.embedding_size, flip)
 
     def __repr__(self) -> str:
         c = self.config

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from facepipe.embedding.base import Embedder
+from facepipe.embedding.base import Embedder, embed_in_batches
 from facepipe.models.mobilefacenet import DEFAULT_WEIGHTS
 from facepipe.models.registry import ModelConfig, create_model, get_config
 from facepipe.weights import bundled
@@ -99,18 +99,7 @@ class TorchEmbedder:
             return self.model(tensor).float().cpu().numpy()
 
     def embed(self, crops: np.ndarray, flip: bool = True) -> np.ndarray:
-        x = preprocess(crops, self.config)
-        out = np.empty((len(x), self.embedding_size), dtype=np.float32)
-        step = max(1, self.batch_size // 2) if flip else self.batch_size
-        for start in range(0, len(x), step):
-            chunk = x[start : start + step]
-            if flip:
-                # One forward over [crops, mirrors] instead of two: better batching at the same memory.
-                both = self._forward(np.concatenate([chunk, chunk[..., ::-1]]))
-                out[start : start + len(chunk)] = both[: len(chunk)] + both[len(chunk) :]
-            else:
-                out[start : start + len(chunk)] = self._forward(chunk)
-        return out
+        return embed_in_batches(preprocess(crops, self.config), self._forward, self.batch_size, self.embedding_size, flip)
 
     def __repr__(self) -> str:
         return f"TorchEmbedder({self.name}, device={self.device}, batch_size={self.batch_size}, fp16={self.fp16})"
