@@ -9,6 +9,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from facepipe.io.atomic import atomic_write_bytes
 from facepipe.types import LANDMARK_NAMES, Face
 
 # BGR. Distinct hues so that a swapped eye or mouth corner is visible at a glance.
@@ -58,11 +59,4 @@ def save_image(path: str | os.PathLike, image: np.ndarray) -> None:
     ok, encoded = cv2.imencode((path.suffix or ".jpg").lower(), image)
     if not ok:
         raise ValueError(f"cannot encode an image as {path.suffix!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(encoded.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, encoded.tobytes())

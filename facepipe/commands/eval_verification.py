@@ -24,6 +24,7 @@ from facepipe.commands.common import (
     threads_option,
 )
 from facepipe.detection.base import DETECTOR_NAMES
+from facepipe.io.atomic import atomic_write_text
 
 DETECTOR_TITLES = {
     "mtcnn": "MTCNN",
@@ -504,10 +505,7 @@ def compare_detectors(cfp_root, lfw_root, lfw_pairs, bin_files, detectors, model
 
     markdown_path, json_path = _out_paths(out)
     table = format_table(rows, columns, model)
-    markdown_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = markdown_path.with_name(f".{markdown_path.name}.tmp")
-    tmp.write_text(table)
-    os.replace(tmp, markdown_path)
+    atomic_write_text(markdown_path, table)
     write_json({"columns": columns, "rows": rows,
                 "meta": _meta(model, weights, cfp=cfp_root, lfw=lfw_root, lfw_pairs=lfw_pairs,
                               bins=list(bin_files), splits=splits or "all", limit=limit, min_score=min_score, pad=pad)},

@@ -18,6 +18,7 @@ from facepipe.commands.common import (
 )
 from facepipe.commands.detect import InputImage, build_detector, detect_batch, detector_options, iter_loaded_batches
 from facepipe.evaluation import widerface as wider
+from facepipe.io.atomic import atomic_write_text
 from facepipe.io.images import list_images
 
 # Settings of the reference evaluation run (Pytorch_Retinaface test_widerface.py): every box above 0.02 is
@@ -27,7 +28,7 @@ RUN_INFO_FILE = "facepipe_run.json"
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
-    wider.atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def _check_run_info(prediction_dir: Path, run_info: dict) -> None:

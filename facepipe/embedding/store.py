@@ -33,6 +33,7 @@ import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 
 from facepipe.embedding.base import Embedder, create_embedder
+from facepipe.io.atomic import atomic_path, atomic_write_text
 from facepipe.io.images import ImageDecodeError, list_images, read_image
 
 MANIFEST_NAME = "manifest.parquet"
@@ -276,24 +277,14 @@ def embed_directory(
     return EmbedSummary(len(rel_paths), embedded, errors_total, time.perf_counter() - started, Path(out_dir))
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-
-    _write_atomic(path, write)
+    with atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
 
 
 def _save_table(path: Path, table: pa.Table) -> None:
-    _write_atomic(path, lambda tmp: pq.write_table(table, tmp))
+    with atomic_path(path, fsync=True) as tmp:
+        pq.write_table(table, tmp)
 
 
 class EmbeddingStore:
@@ -327,7 +318,7 @@ class EmbeddingStore:
         if overwrite:
             for old in list(self.shards_dir.glob("emb-*")) + [self.out_dir / MANIFEST_NAME]:
                 old.unlink(missing_ok=True)
-        _write_atomic(run_file, lambda tmp: tmp.write_text(json.dumps(encoded, sort_keys=True, indent=1)))
+        atomic_write_text(run_file, json.dumps(encoded, sort_keys=True, indent=1))
 
     def done_shards(self) -> set[int]:
         return {

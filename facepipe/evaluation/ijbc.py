@@ -33,6 +33,7 @@ import scipy.sparse
 from tqdm import tqdm
 
 from facepipe.alignment import estimate_norm, warp_crops
+from facepipe.io.atomic import atomic_path, atomic_write_text
 from facepipe.io.images import ImageDecodeError, read_image
 
 FAR_LEVELS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -354,10 +355,11 @@ def plot_roc(curves: Sequence[tuple[str, np.ndarray, np.ndarray]], path: str | o
     axis.set_ylabel("True Positive Rate")
     axis.set_title(title)
     axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
-    tmp = Path(f"{path}.tmp.png")
-    figure.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(figure)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(figure)
 
 
 # ------------------------------------------------------------------------------------ feature cache
@@ -383,7 +385,7 @@ class FeatureCache:
             self.shard_size = int(stored["shard_size"])
         else:
             self.directory.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(manifest, json.dumps({"key": key, "num_images": num_images, "shard_size": self.shard_size}, indent=1))
+            atomic_write_text(manifest, json.dumps({"key": key, "num_images": num_images, "shard_size": self.shard_size}, indent=1))
 
     @staticmethod
     def key_digest(key: dict[str, Any]) -> str:
@@ -438,12 +440,6 @@ class FeatureCache:
 
     def flags(self) -> np.ndarray:
         return np.concatenate([np.load(self._paths(k)[2]) for k in range(self.num_shards)])
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------- feature extraction
@@ -704,8 +700,8 @@ def write_report(results: Sequence[ConfigResult], output_dir: str | os.PathLike,
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": output_dir / "tar_far.json", "table": output_dir / "table.md", "roc": output_dir / "roc.png"}
     for result in results:
-        _atomic_write_text(output_dir / f"{_file_safe(result.name)}.json", json.dumps(result.to_json(), indent=1))
-    _atomic_write_text(paths["json"], json.dumps([r.to_json() for r in results], indent=1))
-    _atomic_write_text(paths["table"], format_table([(r.name, r.tar_at_far) for r in results]) + "\n")
+        atomic_write_text(output_dir / f"{_file_safe(result.name)}.json", json.dumps(result.to_json(), indent=1))
+    atomic_write_text(paths["json"], json.dumps([r.to_json() for r in results], indent=1))
+    atomic_write_text(paths["table"], format_table([(r.name, r.tar_at_far) for r in results]) + "\n")
     plot_roc([(r.name, r.fpr, r.tpr) for r in results], paths["roc"], title)
     return paths

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from facepipe.io.atomic import atomic_path
 from facepipe.io.images import read_image
 
 # (template kind, media as (view, slice of the shuffled view's images)); 10 frontal + 4 profile per subject.
@@ -139,8 +140,6 @@ def build_mini_ijbc(
 
 
 def _write_lines(path: Path, lines) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w") as handle:
         for line in lines:
             handle.write(line + "\n")
-    os.replace(tmp, path)

@@ -31,6 +31,8 @@ from typing import Sequence
 
 import numpy as np
 
+from facepipe.io.atomic import atomic_write_text
+
 ACCURACY_THRESHOLDS = np.arange(0, 4, 0.01)
 VAL_THRESHOLDS = np.arange(0, 4, 0.001)
 FAR_TARGET = 1e-3
@@ -333,9 +335,4 @@ def plot_roc(reports: Sequence[BenchmarkReport], path: str | os.PathLike, title:
 
 def write_json(data: dict, path: str | os.PathLike) -> Path:
     """Write JSON through a temporary file and a rename, so a report is never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")

@@ -27,6 +27,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from facepipe.io.atomic import atomic_path, atomic_write_text
 from facepipe.types import Face
 
 SETTINGS = ("easy", "medium", "hard")
@@ -243,19 +244,6 @@ def _split_key(key: str) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write via a temporary file in the same folder and a rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 # ----------------------------------------------------------------------------------------------- evaluation
 def box_overlaps_plus_one(boxes: np.ndarray, query: np.ndarray) -> np.ndarray:
     """IoU ``(N, K)`` of xyxy boxes with the ``+1`` pixel convention of the reference Cython ``bbox_overlaps``."""
@@ -402,13 +390,10 @@ def plot_pr_curves(result: WiderResult, path: str | os.PathLike, title: str = "W
     axes.grid(alpha=0.3)
     axes.legend(loc="lower left")
     figure.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
     try:
-        figure.savefig(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, format="png")
     finally:
-        tmp.unlink(missing_ok=True)
         plt.close(figure)
 
 

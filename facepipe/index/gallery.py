@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from facepipe.embedding.store import EmbeddingStoreError, iter_shards, read_manifest
+from facepipe.io.atomic import atomic_path, atomic_write_text
 
 INDEX_TYPES = ("flat", "hnsw", "ivfflat", "ivfpq")
 MAPPING_COLUMNS = ["id", "path", "identity", "source", "norm", "det_score"]
@@ -229,7 +230,7 @@ def build_gallery(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     mapping_path, info_path = _sidecars(out_path)
     _write_atomic(mapping_path, lambda tmp: pd.concat(mappings, ignore_index=True)[MAPPING_COLUMNS].to_parquet(tmp, index=False))
-    _write_atomic(info_path, lambda tmp: tmp.write_text(info.to_json()))
+    atomic_write_text(info_path, info.to_json())
     _write_atomic(out_path, lambda tmp: faiss.write_index(index, str(tmp)))  # last: its presence means complete
     return info
 
@@ -250,9 +251,8 @@ def measure_recall(index: Any, queries: np.ndarray, chunks, k: int, dim: int) ->
 
 
 def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        write(tmp)
 
 
 class Gallery:

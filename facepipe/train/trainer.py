@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from facepipe.detection.priors import prior_boxes
+from facepipe.io.atomic import atomic_path, atomic_write_text
 from facepipe.models.checkpoint import CheckpointError, load_state_dict_strict, read_state_dict
 from facepipe.models.retinaface import MNET025_SPEC, R50_SPEC, RetinaFace, load_retinaface_weights
 from facepipe.train.augment import EvalTransform, TrainAugment
@@ -129,16 +130,8 @@ def compute_priors(image_size: int) -> torch.Tensor:
 
 
 def _atomic_save(obj: object, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -258,7 +251,7 @@ class Trainer:
         config = self.config
         end_epoch = config.epochs if epochs is None else epochs
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(json.dumps(asdict(config), indent=2) + "\n", self.out_dir / "config.json")
+        atomic_write_text(self.out_dir / "config.json", json.dumps(asdict(config), indent=2) + "\n")
         iters = self.iters_per_epoch()
         result = TrainResult(self.out_dir, self.out_dir / "final.pth")
         step_seconds: list[float] = []
