@@ -28,7 +28,7 @@ import numpy as np
 
 from facepipe.alignment import norm_crop
 from facepipe.io.images import read_image
-from facepipe.pipeline.align import AlignConfig, run_align
+from facepipe.pipeline.align import AlignConfig, align_confidence_threshold, run_align
 from facepipe.pipeline.face_choice import choose_faces
 from facepipe.pipeline.sources import FileSource
 
@@ -121,8 +121,12 @@ def main() -> None:
     args = parser.parse_args()
 
     paths, root = collect_images(args.limit)
-    # The baseline runs the detector exactly as the pipeline's workers build it (same threshold and options).
-    config = AlignConfig(detector_options={"backend": args.backend, "threshold": AlignConfig.min_score})
+    # The baseline runs the detector exactly as the pipeline's workers build it (same threshold, same pre-NMS
+    # filter at min-score as insightface's detector applies, same options).
+    min_score = AlignConfig.min_score
+    options = {"backend": args.backend, "threshold": min_score}
+    options["confidence_threshold"] = align_confidence_threshold(min_score, options)
+    config = AlignConfig(detector_options=options)
     pixels = sum(np.prod(cv2.imread(str(p), cv2.IMREAD_REDUCED_GRAYSCALE_8).shape) * 64 for p in paths) / len(paths)
     print(f"{len(paths)} images (mean {pixels / 1e6:.2f} MP), cores {os.cpu_count()}, RetinaFace-mnet bundled "
           f"weights, backend {args.backend}")

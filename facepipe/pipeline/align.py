@@ -108,6 +108,23 @@ def _resize_for_detection(image: np.ndarray, max_side: int | None) -> tuple[np.n
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA), scale
 
 
+def align_confidence_threshold(min_score: float, options: dict[str, Any]) -> float:
+    """RetinaFace's pre-NMS score filter for align: just below ``min_score`` instead of 0.02.
+
+    Align discards faces under ``min_score`` anyway, and in greedy NMS a lower-scored box never suppresses a
+    higher-scored one, so dropping them before NMS leaves every returned face unchanged while decoding and
+    NMS skip the low-score candidates. The filter is strict (score > t) on float32 scores, so t is the float32
+    right below ``min_score``. Multi-scale voting averages low-score boxes into the result: keep its default.
+    """
+    default = RETINAFACE_CONFIDENCE_THRESHOLD
+    if options.get("scale", "original") == "multiscale" or min_score <= default:
+        return default
+    return float(np.nextafter(np.float32(min_score), np.float32(0.0)))
+
+
+RETINAFACE_CONFIDENCE_THRESHOLD = 0.02  # RetinaFaceSettings' default (the reference's pre-NMS filter)
+
+
 class AlignWorker:
     """Processes batches of items. Built from picklable parts; the detector is created on first use (in the
     process that uses it)."""
@@ -133,6 +150,7 @@ class AlignWorker:
             if self.config.detector.startswith("retinaface"):
                 # RetinaFace drops faces under its own threshold (0.5): let --min-score go lower than that.
                 options.setdefault("threshold", self.config.min_score)
+                options.setdefault("confidence_threshold", align_confidence_threshold(self.config.min_score, options))
             self._detector = create_detector(self.config.detector, self.config.detector_weights, self.config.device, **options)
         return self._detector
 
