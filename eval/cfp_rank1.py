@@ -1,10 +1,10 @@
 """CFP frontal-to-profile identification: rank-1 rate of profile queries against a frontal gallery.
 
 CFP (Celebrities in Frontal-Profile) has 500 identities x 10 frontal + 4 profile photos. Every image goes
-through the real pipeline: RetinaFace detection (on the image with a black border, since CFP photos are
-tight crops that defeat detectors at the edge), ArcFace alignment from the detected landmarks, embedding
-with flip test, L2 normalisation. Images without a detection are embedded from a plain resize of the photo
-and counted. The gallery is a FAISS exact inner-product index (``facepipe.index``):
+through the same pipeline as ``facepipe eval cfp`` (``facepipe.evaluation.raw_pipeline``): detection on the
+image with a black border (CFP photos are tight crops that defeat detectors at the edge), the main face by
+insightface's rule, ArcFace alignment, embedding with flip test, L2 normalisation. Images without a detection
+take insightface's centre-crop fallback and are counted. The gallery is a FAISS exact inner-product index (``facepipe.index``):
 
 * ``all frontal``: every frontal image is a gallery entry; a query is right when its nearest entry has its
   identity;
@@ -24,13 +24,11 @@ import os
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
-from tqdm import tqdm
 
-from facepipe.alignment.similarity import align_faces
 from facepipe.detection.base import create_detector
 from facepipe.embedding import create_embedder, l2_normalize
+from facepipe.evaluation.raw_pipeline import PipelineSpec, extract_features
 from facepipe.index.gallery import IndexParams, make_index
 from facepipe.io.images import read_image
 
@@ -45,33 +43,6 @@ def list_cfp(root: Path, limit: int | None) -> list[tuple[str, str, Path]]:
         identities = identities[:limit]
     return [(identity, pose, path) for identity in identities for pose in ("frontal", "profile")
             for path in sorted((root / identity / pose).glob("*.jpg"))]
-
-
-def embed_images(paths: list[Path], detector, embedder, border: float, batch: int, flip: bool) -> tuple[np.ndarray, int]:
-    """Normalised embeddings of the best face of each image, and the number of images without a detection."""
-    out, fallbacks = [], 0
-    for start in tqdm(range(0, len(paths), batch), desc="detect+align+embed", unit="batch"):
-        images = [read_image(p) for p in paths[start : start + batch]]
-        padded, pads = [], []
-        for image in images:
-            pad = int(round(border * max(image.shape[:2])))
-            padded.append(cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0)))
-            pads.append(pad)
-        detections = detector.detect(padded)
-        crops = []
-        for image, faces, pad in zip(padded, detections, pads):
-            faces = [f for f in faces if f.score >= 0.5]
-            if faces:
-                centre = np.array(image.shape[1::-1]) / 2.0
-                # the subject is the confident face nearest the centre (CFP photos hold one main face)
-                best = min(faces, key=lambda f: float(np.linalg.norm(np.array(f.center) - centre)))
-                crops.append(align_faces([image], [[best]], 112)[0][0])
-            else:
-                fallbacks += 1
-                original = image[pad : image.shape[0] - pad, pad : image.shape[1] - pad]
-                crops.append(cv2.resize(original, (112, 112), interpolation=cv2.INTER_AREA))
-        out.append(l2_normalize(embedder.embed(np.stack(crops), flip=flip)))
-    return np.concatenate(out), fallbacks
 
 
 def rank1(gallery: np.ndarray, gallery_labels: np.ndarray, queries: np.ndarray, query_labels: np.ndarray, exclude_self: bool = False) -> float:
@@ -100,6 +71,8 @@ def main() -> None:
     parser.add_argument("--no-flip", action="store_true")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="Feature cache shared with `facepipe eval cfp` (e.g. ~/.cache/facepipe/verification).")
     args = parser.parse_args()
     if args.threads:
         import torch
@@ -114,9 +87,15 @@ def main() -> None:
     detector = create_detector(args.detector, weights=args.detector_weights, device=args.device)
     options = {"threads": args.threads} if args.threads else {}
     embedder = create_embedder(args.model, weights=args.weights, device=args.device, batch_size=2 * args.batch_size, **options)
+    spec = PipelineSpec(args.detector, args.detector_weights, args.model, args.weights, pad=args.border)
     started = time.perf_counter()
-    embeddings, fallbacks = embed_images([e[2] for e in entries], detector, embedder, args.border, args.batch_size, not args.no_flip)
+    features = extract_features(
+        [str(e[2]) for e in entries], read_image, detector, embedder, spec, cache_dir=args.cache_dir,
+        batch_size=args.batch_size, description="detect+align+embed",
+    )
     seconds = time.perf_counter() - started
+    raw = features.embedding + features.embedding_flip if not args.no_flip else features.embedding
+    embeddings, fallbacks = l2_normalize(raw), features.n_fallback
 
     gallery, gallery_ids = embeddings[frontal], identities[frontal]
     queries, query_ids = embeddings[~frontal], identities[~frontal]
@@ -124,7 +103,7 @@ def main() -> None:
     templates = l2_normalize(np.stack([gallery[gallery_ids == name].mean(axis=0) for name in names]))
     print(f"CFP: {len(names)} identities, {frontal.sum()} frontal gallery images, {(~frontal).sum()} profile queries; "
           f"model {args.model}, detector {args.detector}, flip {not args.no_flip}")
-    print(f"  {len(entries)} images in {seconds:.1f} s ({len(entries) / seconds:.1f} img/s); {fallbacks} without a detection (resized)")
+    print(f"  {len(entries)} images in {seconds:.1f} s ({len(entries) / seconds:.1f} img/s); {fallbacks} without a detection (centre-crop fallback)")
     print(f"  rank-1 profile -> all frontal:       {100 * rank1(gallery, gallery_ids, queries, query_ids):6.2f} %")
     print(f"  rank-1 profile -> frontal templates: {100 * rank1(templates, names, queries, query_ids):6.2f} %")
     print(f"  rank-1 frontal -> other frontal:     {100 * rank1(gallery, gallery_ids, gallery, gallery_ids, exclude_self=True):6.2f} %")
