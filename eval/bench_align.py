@@ -7,6 +7,12 @@ budget, batched detection, chunked commits, manifest). Both write JPEG crops of 
 
     .venv/bin/python eval/bench_align.py                    # WIDER subset (323) + 300 CFP images
     .venv/bin/python eval/bench_align.py --limit 40         # quick check
+    .venv/bin/python eval/bench_align.py --ceiling          # + what 2 cores allow (1-thread loop, cold start-up)
+
+The detector's network is ~90% of the work and the baseline already runs it on every core (onnxruntime
+threads), so a process per core can only win what a second thread does not (2 x one-thread rate vs the
+multi-thread rate), less its start-up (forkserver importing torch, each worker exporting the network):
+``--ceiling`` prints both, so the ratio can be read against what the machine allows.
 
 Prints images/s of both, the ratio, and peak resident memory (the baseline's process; the pipeline's main
 process and its largest worker). Figures on a loaded machine are noisy: compare ratios from one run.
@@ -15,20 +21,24 @@ process and its largest worker). Figures on a loaded machine are noisy: compare 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 
 from facepipe.alignment import norm_crop
 from facepipe.io.images import read_image
-from facepipe.pipeline.align import AlignConfig, align_confidence_threshold, run_align
+from facepipe.pipeline.align import AlignConfig, align_confidence_threshold, default_workers, run_align
 from facepipe.pipeline.face_choice import choose_faces
 from facepipe.pipeline.sources import FileSource
 
@@ -111,6 +121,27 @@ def baseline(paths: list[Path], root: Path, out_dir: Path, config: AlignConfig) 
     return time.perf_counter() - start
 
 
+_COLD_START = """
+import json, sys
+from pathlib import Path
+from facepipe.pipeline.align import AlignConfig, run_align
+from facepipe.pipeline.sources import FileSource
+options, root, out, workers, *paths = sys.argv[1:]
+config = AlignConfig(detector_options=json.loads(options))
+summary = run_align(config, FileSource([Path(p) for p in paths], Path(root), "start-up"), out, workers=int(workers), progress=False)
+print(summary.seconds)
+"""
+
+
+def cold_start_seconds(config: AlignConfig, paths: list[Path], root: Path, out_dir: Path, workers: int) -> float:
+    """``run_align`` on a few images in a fresh process: worker start-up as a new ``facepipe align`` pays it
+    (this process's forkserver, already running with torch imported, would hide most of it)."""
+    command = [sys.executable, "-c", _COLD_START, json.dumps(config.detector_options), str(root), str(out_dir),
+               str(workers), *map(str, paths)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return float(result.stdout.split()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=None, help="use only the first N images (interleaved WIDER/CFP)")
@@ -118,6 +149,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--backend", choices=["auto", "torch", "onnxruntime"], default="auto",
                         help="RetinaFace backend for both (auto = onnxruntime on CPU)")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="also measure what the cores allow: the baseline loop on one thread (x workers = the best "
+                             "a process-per-core pipeline can do) and the pipeline's start-up (run on 2 images)")
     args = parser.parse_args()
 
     paths, root = collect_images(args.limit)
@@ -150,6 +184,24 @@ def main() -> None:
         print(f"ratio pipeline / baseline               : {pipe_rate / base_rate:7.2f}x")
         print(f"peak RSS: baseline process {base_rss:.0f} MB (includes this script); largest pipeline worker {child_rss:.0f} MB "
               f"({len(sampler.peaks)} helper processes seen)")
+        if args.ceiling:
+            workers = args.workers or default_workers(config.device)
+            startup = cold_start_seconds(config, paths[:2], root, tmp / "startup", workers)
+            one_thread = replace(config, detector_options={**config.detector_options, "intra_op_threads": 1})
+            cv2_threads, torch_threads = cv2.getNumThreads(), torch.get_num_threads()
+            cv2.setNumThreads(1)
+            torch.set_num_threads(1)
+            try:
+                single_rate = len(paths) / baseline(paths, root, tmp / "single", one_thread)
+            finally:
+                cv2.setNumThreads(cv2_threads)
+                torch.set_num_threads(torch_threads)
+            best = workers * single_rate
+            print(f"baseline loop on 1 thread               : {single_rate:7.2f} images/s")
+            print(f"ceiling: {workers} workers x 1 thread, no start-up: {best:7.2f} images/s = {best / base_rate:.2f}x the baseline; "
+                  f"pipeline start-up (2 images) {startup:.1f} s -> "
+                  f"{len(paths) / (startup + len(paths) / best):.2f} images/s = "
+                  f"{len(paths) / (startup + len(paths) / best) / base_rate:.2f}x with it")
 
 
 if __name__ == "__main__":
