@@ -12,8 +12,12 @@ items and calls ``AlignRun.commit_chunk`` / ``AlignRun.finish``: same outputs, s
 from __future__ import annotations
 
 import concurrent.futures as cf
+import hashlib
+import importlib.metadata
+import importlib.util
 import multiprocessing
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -129,9 +133,12 @@ class AlignWorker:
     """Processes batches of items. Built from picklable parts; the detector is created on first use (in the
     process that uses it)."""
 
-    def __init__(self, config: AlignConfig, source: Source) -> None:
+    def __init__(self, config: AlignConfig, source: Source, onnx_model: str | None = None) -> None:
         self.config = config
         self.source = source
+        # The RetinaFace network already exported to ONNX (``exported_retinaface``), so that each worker
+        # process loads it instead of exporting it again.
+        self.onnx_model = onnx_model
         self._detector = None
         self._landmarks: dict[str, Face] | None = None
 
@@ -151,7 +158,11 @@ class AlignWorker:
                 # RetinaFace drops faces under its own threshold (0.5): let --min-score go lower than that.
                 options.setdefault("threshold", self.config.min_score)
                 options.setdefault("confidence_threshold", align_confidence_threshold(self.config.min_score, options))
-            self._detector = create_detector(self.config.detector, self.config.detector_weights, self.config.device, **options)
+            if self.onnx_model is not None:
+                options["backend"] = "onnxruntime"
+                self._detector = create_detector("retinaface-onnx", self.onnx_model, self.config.device, **options)
+            else:
+                self._detector = create_detector(self.config.detector, self.config.detector_weights, self.config.device, **options)
         return self._detector
 
     @property
@@ -272,6 +283,60 @@ class AlignWorker:
 
 # ---------------------------------------------------------------------------------------------------------
 # Local engine
+
+
+def exported_retinaface(config: AlignConfig, scratch: Path) -> str | None:
+    """The ONNX file the workers load when each would otherwise export the network itself (``retinaface`` on
+    CPU with the onnxruntime backend; None otherwise).
+
+    Cached under ``<cache_dir>/onnx`` per (weights, torch version, network and export code), so later runs
+    neither export nor import torch here; the first run exports it in this process while the forkserver
+    boots. A read-only cache falls back to ``scratch`` (this run only). Same graph: same detections.
+    """
+    options = config.detector_options
+    if config.detector != "retinaface" or config.device != "cpu" or config.landmarks_file is not None:
+        return None
+    if options.get("fp16") or options.get("backend", "auto") not in ("auto", "onnxruntime"):
+        return None
+    if any(importlib.util.find_spec(name) is None for name in ("onnx", "onnxruntime")):
+        return None  # auto runs torch; an explicit onnxruntime fails in the workers with its own message
+    from facepipe.models.checkpoint import cache_dir, sha256_of
+    from facepipe.weights import bundled
+
+    weights = Path(config.detector_weights) if config.detector_weights is not None else bundled(BUNDLED_RETINAFACE)
+    if weights.suffix.lower() == ".onnx":
+        return None  # the workers load it directly
+    key = hashlib.sha256()
+    for part in (sha256_of(weights), importlib.metadata.version("torch"), importlib.metadata.version("onnx")):
+        key.update(part.encode() + b"\0")
+    for module in ("facepipe.models.retinaface", "facepipe.detection.backends"):
+        # a change to the network or the export code gives a new file (read, not imported: no torch here)
+        key.update(Path(importlib.util.find_spec(module).origin).read_bytes())
+    path = cache_dir() / "onnx" / f"retinaface-mnet0.25-{key.hexdigest()[:20]}.onnx"
+    if path.is_file():
+        return str(path)
+    from facepipe.detection.backends import export_onnx
+    from facepipe.models.retinaface import retinaface_mnet025
+
+    data = export_onnx(retinaface_mnet025(weights=weights))
+    partial = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # a unique temporary name: two runs may export at once, and each rename leaves one complete file
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".part", delete=False) as f:
+            partial = f.name
+            f.write(data)
+        os.chmod(partial, 0o644)  # a cache other users' runs may read
+        os.replace(partial, path)
+    except OSError:  # read-only cache: this run only
+        if partial is not None and os.path.exists(partial):
+            os.unlink(partial)
+        path = scratch / path.name
+        path.write_bytes(data)
+    return str(path)
+
+
+BUNDLED_RETINAFACE = "retinaface_mobilenet0.25.pth"  # what retinaface_mnet025(pretrained=True) loads
 
 
 _WORKER: AlignWorker | None = None
@@ -480,10 +545,23 @@ def _run_chunks(run: AlignRun, worker: AlignWorker, workers: int, batch_size: in
                 collector.add(chunk_id, worker.process(batch))
         else:
             threads = max(1, (os.cpu_count() or 1) // workers)
-            with cf.ProcessPoolExecutor(
-                workers, mp_context=_worker_context(), initializer=_init_process, initargs=(worker, threads)
-            ) as pool:
-                _pump(pool, batches, run.pending, workers, collector)
+            context = _worker_context()
+            if context.get_start_method() == "forkserver":
+                # Boot the server (it imports torch, ~1 s) while this process finds or exports the network.
+                import multiprocessing.forkserver
+
+                multiprocessing.forkserver.ensure_running()
+            with tempfile.TemporaryDirectory(prefix="facepipe-align-") as scratch:
+                try:
+                    onnx_model = exported_retinaface(worker.config, Path(scratch))
+                except Exception:  # noqa: BLE001 - e.g. bad weights: the workers build the detector and report it
+                    onnx_model = None
+                if onnx_model is not None:
+                    worker = AlignWorker(worker.config, worker.source, onnx_model)
+                with cf.ProcessPoolExecutor(
+                    workers, mp_context=context, initializer=_init_process, initargs=(worker, threads)
+                ) as pool:
+                    _pump(pool, batches, run.pending, workers, collector)
     finally:
         bar.close()
 
