@@ -1,14 +1,13 @@
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from facepipe.embedding import create_embedder
 from facepipe.embedding.onnx_embedder import OnnxEmbedder, export_onnx, graph_normalises_input
 from facepipe.embedding.torch_embedder import TorchEmbedder
 from facepipe.models.registry import create_model, get_config
 from tests.conftest import shared_path
-from tests.models.test_iresnet import fill_deterministic
+from tests.models.architecture_fill import fill_deterministic
 
 
 @pytest.fixture(scope="module")

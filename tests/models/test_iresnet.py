@@ -1,4 +1,3 @@
-import zlib
 
 import cv2
 import numpy as np
@@ -9,27 +8,7 @@ from facepipe.models.checkpoint import CheckpointError
 from facepipe.models.iresnet import LAYERS, IResNet, load_iresnet_weights
 from facepipe.models.registry import create_model, get_config, list_models
 from tests.conftest import SHARED, shared_path
-
-
-def fill_deterministic(model: torch.nn.Module) -> torch.nn.Module:
-    """The fill rule of golden/architecture_fill/README.md: each tensor from a seed derived from its key."""
-    filled = {}
-    for key, value in model.state_dict().items():
-        if key.endswith("num_batches_tracked"):
-            filled[key] = torch.zeros_like(value)
-            continue
-        z = np.random.RandomState(zlib.crc32(key.encode())).standard_normal(value.numel())
-        if key.endswith("running_var"):
-            array = 1 + 0.2 * np.abs(z)
-        elif key.endswith("running_mean") or key.endswith(".bias"):
-            array = 0.1 * z
-        elif value.ndim > 1:
-            array = z * np.sqrt(2 / (value.numel() / value.shape[0]))
-        else:
-            array = 0.7 + 0.1 * z
-        filled[key] = torch.from_numpy(array.reshape(value.shape).astype(np.float32))
-    model.load_state_dict(filled)
-    return model
+from tests.models.architecture_fill import fill_deterministic
 
 
 def read_key_list(name: str) -> list[tuple[str, tuple[int, ...]]]:

@@ -1,4 +1,3 @@
-import zlib
 
 import cv2
 import numpy as np
@@ -16,6 +15,7 @@ from facepipe.models.retinaface import (
     retinaface_r50,
 )
 from tests.conftest import shared_path
+from tests.models.architecture_fill import fill_deterministic
 
 RAW_KEYS = ("images/group/t1.jpg", "widerface/val_images/12--Group/12_Group_Group_12_Group_Group_12_28.jpg")
 
@@ -26,26 +26,6 @@ def reference_keys(name: str) -> list[tuple[str, tuple[int, ...]]]:
         key, shape = line.split("\t")
         rows.append((key, tuple(int(v) for v in shape.strip("()").split(",") if v.strip())))
     return rows
-
-
-def fill_deterministically(model: torch.nn.Module) -> None:
-    """The fill rule of golden/architecture_fill/README.md."""
-    filled = {}
-    for key, value in model.state_dict().items():
-        if key.endswith("num_batches_tracked"):
-            filled[key] = torch.zeros_like(value)
-            continue
-        z = np.random.RandomState(zlib.crc32(key.encode())).standard_normal(value.numel())
-        if key.endswith("running_var"):
-            array = 1 + 0.2 * np.abs(z)
-        elif key.endswith("running_mean") or key.endswith(".bias"):
-            array = 0.1 * z
-        elif value.dim() > 1:
-            array = z * np.sqrt(2 / (value.numel() / value.shape[0]))
-        else:
-            array = 0.7 + 0.1 * z
-        filled[key] = torch.from_numpy(array.reshape(tuple(value.shape)).astype(np.float32))
-    model.load_state_dict(filled)
 
 
 def fill_input() -> torch.Tensor:
@@ -70,7 +50,7 @@ def test_state_dict_keys_and_shapes_equal_reference(build, keys_file):
 def test_architecture_matches_reference_under_deterministic_fill(build, name):
     golden = np.load(shared_path("golden", "architecture_fill", "fill_outputs.npz"))
     model = build()
-    fill_deterministically(model)
+    fill_deterministic(model)
     model.eval()
     x = fill_input()
     with torch.no_grad():
@@ -91,7 +71,7 @@ def test_architecture_matches_reference_under_deterministic_fill(build, name):
 
 def test_training_mode_returns_logits_and_eval_mode_softmax():
     model = retinaface_mnet025()
-    fill_deterministically(model)
+    fill_deterministic(model)
     x = fill_input()
     model.train()
     loc_t, logits, landms_t = model(x)
@@ -141,7 +121,7 @@ def test_loads_checkpoint_variants(tmp_path, variant):
 
 def test_r50_loads_a_checkpoint_in_the_released_format(tmp_path):
     source = RetinaFace(retinaface_r50().spec)
-    fill_deterministically(source)
+    fill_deterministic(source)
     # Resnet50_Final.pth was saved from DataParallel: every key carries "module.".
     torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, tmp_path / "Resnet50_Final.pth")
     model = create_model("retinaface_r50", weights=tmp_path / "Resnet50_Final.pth")
