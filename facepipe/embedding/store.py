@@ -221,6 +221,34 @@ class EmbedSummary:
         )
 
 
+def crops_to_embed(aligned_dir: str | os.PathLike, shard_size: int) -> list[str]:
+    """The crops of an embedding run (relative paths, sorted); refuses a bad shard size or an empty folder."""
+    if shard_size < 1:
+        raise ValueError("shard_size must be at least 1")
+    rel_paths = list_crops(aligned_dir)
+    if not rel_paths:
+        raise EmbeddingStoreError(f"no image files under {aligned_dir}")
+    return rel_paths
+
+
+def open_embedding_run(
+    aligned_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    spec: "EmbedSpec",
+    rel_paths: list[str],
+    shard_size: int,
+    embedding_size: int,
+    overwrite: bool,
+) -> tuple["EmbeddingStore", dict[str, float], list[tuple[int, list[str]]]]:
+    """Start or resume the run in ``out_dir``: its store, the align manifest's detector scores, and the
+    ``(shard, paths)`` still to embed. Shared by the local and the Ray engine so both resume the same way."""
+    store = EmbeddingStore(out_dir)
+    store.start(run_settings(spec, aligned_dir, rel_paths, shard_size, embedding_size), overwrite=overwrite)
+    shards = [(i, rel_paths[start : start + shard_size]) for i, start in enumerate(range(0, len(rel_paths), shard_size))]
+    done = store.done_shards()
+    return store, read_align_scores(aligned_dir), [(i, paths) for i, paths in shards if i not in done]
+
+
 def embed_directory(
     aligned_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -237,19 +265,12 @@ def embed_directory(
 
     from tqdm import tqdm
 
-    if shard_size < 1:
-        raise ValueError("shard_size must be at least 1")
     started = time.perf_counter()
-    rel_paths = list_crops(aligned_dir)
-    if not rel_paths:
-        raise EmbeddingStoreError(f"no image files under {aligned_dir}")
+    rel_paths = crops_to_embed(aligned_dir, shard_size)
     worker = CropEmbedder(aligned_dir, spec, device=device, batch_size=batch_size, threads=threads)
-    store = EmbeddingStore(out_dir)
-    store.start(run_settings(spec, aligned_dir, rel_paths, shard_size, worker.embedding_size), overwrite=overwrite)
-    det_scores = read_align_scores(aligned_dir)
-    shards = [(i, rel_paths[start : start + shard_size]) for i, start in enumerate(range(0, len(rel_paths), shard_size))]
-    done = store.done_shards()
-    todo = [(i, paths) for i, paths in shards if i not in done]
+    store, det_scores, todo = open_embedding_run(
+        aligned_dir, out_dir, spec, rel_paths, shard_size, worker.embedding_size, overwrite
+    )
     embedded = 0
     bar = tqdm(total=sum(len(p) for _, p in todo), unit="crop", desc="embed", disable=not progress)
     with ThreadPoolExecutor(max_workers=1) as reader:  # decode the next batch while the model runs

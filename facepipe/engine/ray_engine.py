@@ -353,30 +353,21 @@ def embed_directory_ray(
     from facepipe.embedding.store import (
         CropEmbedder,
         EmbeddedBatch,
-        EmbeddingStore,
-        EmbeddingStoreError,
         EmbedSummary,
-        list_crops,
-        read_align_scores,
-        run_settings,
+        crops_to_embed,
+        open_embedding_run,
         shard_rows,
     )
 
-    if shard_size < 1:
-        raise ValueError("shard_size must be at least 1")
     started = time.perf_counter()
-    rel_paths = list_crops(aligned_dir)
-    if not rel_paths:
-        raise EmbeddingStoreError(f"no image files under {aligned_dir}")
+    rel_paths = crops_to_embed(aligned_dir, shard_size)
     ray = init_ray(options)
     # The model is built once here on CPU: its embedding size goes into run.json, and bad weights fail now.
     embedding_size = CropEmbedder(aligned_dir, spec, device="cpu", batch_size=batch_size).embedding_size
-    store = EmbeddingStore(out_dir)
-    store.start(run_settings(spec, aligned_dir, rel_paths, shard_size, embedding_size), overwrite=overwrite)
-    det_scores = read_align_scores(aligned_dir)
-    shards = [(i, rel_paths[start : start + shard_size]) for i, start in enumerate(range(0, len(rel_paths), shard_size))]
-    done = store.done_shards()
-    todo = {i: paths for i, paths in shards if i not in done}
+    store, det_scores, unfinished = open_embedding_run(
+        aligned_dir, out_dir, spec, rel_paths, shard_size, embedding_size, overwrite
+    )
+    todo = dict(unfinished)
     batches = [
         (shard, paths[b : b + batch_size]) for shard, paths in todo.items() for b in range(0, len(paths), batch_size)
     ]
