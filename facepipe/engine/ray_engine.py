@@ -337,6 +337,28 @@ class EmbedActor:
         return pa.concat_tables(tables)
 
 
+def _gather_shards(
+    shard_of_batch: Sequence[int], on_shard: Callable[[int, pa.Table], None], bar: Any
+) -> Callable[[int, pa.Table], None]:
+    """A per-batch callback that buffers batch rows and calls ``on_shard(shard, rows)`` once every batch of that
+    shard has arrived, with the rows in batch order (batches finish in any order on Ray)."""
+    remaining: dict[int, int] = defaultdict(int)
+    for shard in shard_of_batch:
+        remaining[shard] += 1
+    pending: dict[int, dict[int, pa.Table]] = defaultdict(dict)
+
+    def on_batch(batch_id: int, rows: pa.Table) -> None:
+        shard = shard_of_batch[batch_id]
+        pending[shard][batch_id] = rows
+        bar.update(rows.num_rows)
+        remaining[shard] -= 1
+        if not remaining[shard]:
+            parts = pending.pop(shard)
+            on_shard(shard, pa.concat_tables([parts[b] for b in sorted(parts)]))
+
+    return on_batch
+
+
 def embed_directory_ray(
     aligned_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -374,22 +396,10 @@ def embed_directory_ray(
     if batches:
         resolved = resolve_actors(ray.cluster_resources(), options)
         descriptors = [{"batch": b, "n": len(paths), "paths": paths} for b, (_, paths) in enumerate(batches)]
-        remaining = defaultdict(int)
-        for shard, _ in batches:
-            remaining[shard] += 1
-        results: dict[int, dict[int, pa.Table]] = defaultdict(dict)
         dtype = np.dtype(spec.dtype)
         with tqdm(total=sum(len(p) for p in todo.values()), unit="crop", desc="embed", disable=not progress) as bar:
 
-            def commit(batch_id: int, rows: pa.Table) -> None:
-                shard = batches[batch_id][0]
-                results[shard][batch_id] = rows
-                bar.update(rows.num_rows)
-                remaining[shard] -= 1
-                if remaining[shard]:
-                    return
-                parts = results.pop(shard)
-                table = pa.concat_tables([parts[b] for b in sorted(parts)])
+            def commit_shard(shard: int, table: pa.Table) -> None:
                 embeddings = np.asarray(table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False), dtype=dtype)
                 merged = EmbeddedBatch(
                     embeddings.reshape(table.num_rows, embedding_size),
@@ -401,7 +411,8 @@ def embed_directory_ray(
                 store.commit_shard(shard, merged.embeddings, shard_rows(shard, shard * shard_size, paths, merged, det_scores))
 
             constructor_args = (str(aligned_dir), spec, resolved.device, batch_size, resolved.threads)
-            _stream(descriptors, EmbedActor, constructor_args, resolved, options, commit)
+            on_batch = _gather_shards([shard for shard, _ in batches], commit_shard, bar)
+            _stream(descriptors, EmbedActor, constructor_args, resolved, options, on_batch)
     table = store.merge()
     errors = int(sum(status == "error" for status in table.column("status").to_pylist()))
     embedded = sum(len(p) for p in todo.values())
@@ -478,22 +489,10 @@ def extract_ijb_features_ray(
         }
         for b, (_, start, stop) in enumerate(batches)
     ]
-    remaining: dict[int, int] = defaultdict(int)
-    for shard, _, _ in batches:
-        remaining[shard] += 1
-    results: dict[int, dict[int, pa.Table]] = defaultdict(dict)
     done = cache.num_images - sum(cache.shard_range(k)[1] - cache.shard_range(k)[0] for k in missing)
     with tqdm(total=cache.num_images, initial=done, unit="img", desc=f"{layout.target} features", disable=not progress) as bar:
 
-        def commit(batch_id: int, rows: pa.Table) -> None:
-            shard = batches[batch_id][0]
-            results[shard][batch_id] = rows
-            bar.update(rows.num_rows)
-            remaining[shard] -= 1
-            if remaining[shard]:
-                return
-            parts = results.pop(shard)
-            table = pa.concat_tables([parts[b] for b in sorted(parts)])
+        def commit_shard(shard: int, table: pa.Table) -> None:
             features = table.column("features").combine_chunks().flatten().to_numpy(zero_copy_only=False)
             cache.write_shard(
                 shard,
@@ -502,7 +501,8 @@ def extract_ijb_features_ray(
                 table.column("flag").to_numpy(),
             )
 
-        _stream(descriptors, IJBFeatureActor, (extractor, resolved.threads), resolved, options, commit)
+        on_batch = _gather_shards([shard for shard, _, _ in batches], commit_shard, bar)
+        _stream(descriptors, IJBFeatureActor, (extractor, resolved.threads), resolved, options, on_batch)
     return cache
 
 
