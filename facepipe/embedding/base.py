@@ -23,6 +23,18 @@ class Embedder(Protocol):
 
     def embed(self, crops: np.ndarray, flip: bool = True) -> np.ndarray: ...
 
+    def embed_pair(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class PairEmbedding:
+    """``embed_pair`` for any class with ``embed``: the plain and the mirrored crops' embeddings, separately
+    (IJB-C's F switch and the verification caches keep both), from one batched call."""
+
+    def embed_pair(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        crops = np.asarray(crops)
+        both = self.embed(np.concatenate([crops, crops[:, :, ::-1]]), flip=False)  # type: ignore[attr-defined]
+        return both[: len(crops)], both[len(crops) :]
+
 
 # CLI name -> (module, factory function). Factories take (weights=None, device="cpu", **options).
 _EMBEDDER_FACTORIES: dict[str, tuple[str, str]] = {

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from facepipe.embedding.base import embed_in_batches
+from facepipe.embedding.base import PairEmbedding, embed_in_batches
 from facepipe.embedding.torch_embedder import preprocess
 from facepipe.models.registry import ModelConfig
 
@@ -105,7 +105,7 @@ def make_batch_dynamic(model: Any) -> Any:
     return model
 
 
-class OnnxEmbedder:
+class OnnxEmbedder(PairEmbedding):
     """``Embedder`` over an onnxruntime session."""
 
     def __init__(

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from facepipe.embedding.base import Embedder, embed_in_batches
+from facepipe.embedding.base import Embedder, PairEmbedding, embed_in_batches
 from facepipe.models.mobilefacenet import DEFAULT_WEIGHTS
 from facepipe.models.registry import ModelConfig, create_model, get_config
 from facepipe.weights import bundled
@@ -64,7 +64,7 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, bool]:
         return model, False
 
 
-class TorchEmbedder:
+class TorchEmbedder(PairEmbedding):
     """``Embedder`` over a torch module: BGR crops in, raw ``(N, D)`` float32 out (flip test adds the mirror)."""
 
     def __init__(
