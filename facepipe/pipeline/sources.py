@@ -29,9 +29,16 @@ class Item:
 
     @property
     def identity(self) -> str:
-        """The identity folder of the item ('' at the top level)."""
-        parent = str(PurePosixPath(self.key).parent)
-        return "" if parent == "." else parent
+        return identity_of(self.key)
+
+
+def identity_of(rel_path: str) -> str:
+    """The identity of an image or crop at ``rel_path`` (relative, POSIX): its whole parent folder path
+    (``set1/alice`` for ``set1/alice/001.jpg``; ``''`` at the top level). The whole path, not the last folder,
+    so that two folders of the same name under different parents stay two identities; align's labels, the
+    embedding manifest and galleries all use this one rule."""
+    parent = str(PurePosixPath(rel_path).parent)
+    return "" if parent == "." else parent
 
 
 class Source(Protocol):
