@@ -1,0 +1,258 @@
+"""Face quality measures and error-versus-reject curves (ISO/IEC 29794-1, Grother & Tabassi 2007).
+
+A quality score is good when rejecting the faces it rates lowest removes the comparisons that fail. The
+error-versus-reject curve (EVRC) measures exactly that, on a verification protocol:
+
+* **threshold**: the comparison threshold at a fixed false match rate (FMR), set once on *all* non-mated
+  pairs before any rejection (so the curve shows what quality buys at an operating point, not a re-tuned one);
+* **rejection**: for a fraction ``r`` of faces, the ``r`` lowest-quality faces are rejected (ties broken by
+  the face index, so the order is deterministic); a pair is rejected when either of its faces is;
+* **error**: the false non-match rate (FNMR) of the mated pairs left, at the fixed threshold;
+* **curves**: one per quality measure, plus the *oracle* (a face's quality = minus the number of failed mated
+  comparisons it takes part in, ties by its lowest mated score: the faces behind the most failures go first,
+  a near-ideal that no real measure should beat by much) and *random* rejection (the mean over seeds: what a
+  measure that knows nothing does);
+* **area**: the area under each curve over ``r`` in ``[0, max_reject]`` (trapezoidal), divided by
+  ``max_reject``: the mean FNMR over the rejection range; lower is better.
+
+Per-face measures (higher = better quality, so the lowest are rejected first):
+
+* ``detector_score``: the detector's face score;
+* ``embedding_norm``: the L2 norm of the raw embedding (the flip-summed one) — larger for clear faces in
+  margin-loss models (MagFace makes this explicit; ArcFace-family models show it too);
+* ``inter_ocular``: the distance between the eye landmarks in original pixels (resolution);
+* ``yaw``: ``−|yaw|`` in degrees, estimated from the five landmarks (``landmark_yaw``);
+* ``sharpness``: the variance of the Laplacian of the grey aligned crop (blur lowers it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Mapping, Sequence
+
+import cv2
+import numpy as np
+
+MEASURES = ("detector_score", "embedding_norm", "inter_ocular", "yaw", "sharpness")
+DEFAULT_FMR = 1e-3
+DEFAULT_MAX_REJECT = 0.5
+
+
+# ------------------------------------------------------------------------------------------------ measures
+
+
+def inter_ocular_distance(landmarks: np.ndarray) -> np.ndarray:
+    """Eye-to-eye distance of ``(N, 5, 2)`` landmarks (image order: image-left eye first), in their pixels."""
+    landmarks = np.asarray(landmarks, dtype=np.float64)
+    return np.linalg.norm(landmarks[:, 1] - landmarks[:, 0], axis=1)
+
+
+def landmark_yaw(landmarks: np.ndarray) -> np.ndarray:
+    """Yaw in degrees from five landmarks, signed (positive: the nose lies towards the image-right eye).
+
+    The nose tip of a head turned by ``θ`` moves sideways by about ``depth · sin θ`` while the eye baseline
+    shrinks by ``cos θ``; with the nose ``depth`` ≈ half the frontal inter-ocular distance (average adult
+    anthropometry), ``sin θ ≈ 2 · offset / baseline_frontal``. We only see the projected baseline, so the ratio
+    ``offset / (baseline / 2)`` is ``tan θ``-like; ``arctan`` of it is monotonic in the true yaw, exact at 0 and
+    saturating towards ±90° — enough to rank faces, which is all an EVRC uses. The offset is measured along
+    the eye axis (roll-invariant) from the eyes' midpoint.
+    """
+    landmarks = np.asarray(landmarks, dtype=np.float64)
+    left, right, nose = landmarks[:, 0], landmarks[:, 1], landmarks[:, 2]
+    axis = right - left
+    baseline = np.linalg.norm(axis, axis=1)
+    unit = axis / np.maximum(baseline, 1e-9)[:, None]
+    offset = np.sum((nose - (left + right) / 2.0) * unit, axis=1)
+    return np.degrees(np.arctan2(offset, np.maximum(baseline / 2.0, 1e-9)))
+
+
+def laplacian_sharpness(crops: np.ndarray) -> np.ndarray:
+    """Variance of the Laplacian of each ``(N, H, W, 3)`` BGR uint8 crop, in grey levels²."""
+    out = np.empty(len(crops), dtype=np.float64)
+    for i, crop in enumerate(crops):
+        grey = cv2.cvtColor(np.ascontiguousarray(crop), cv2.COLOR_BGR2GRAY)
+        out[i] = cv2.Laplacian(grey, cv2.CV_64F).var()
+    return out
+
+
+def face_measures(
+    scores: np.ndarray, embeddings: np.ndarray, landmarks: np.ndarray, crops: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """Every per-face measure (higher = better) for ``N`` faces; ``sharpness`` only when crops are given."""
+    measures = {
+        "detector_score": np.asarray(scores, dtype=np.float64),
+        "embedding_norm": np.linalg.norm(np.asarray(embeddings, dtype=np.float64), axis=1),
+        "inter_ocular": inter_ocular_distance(landmarks),
+        "yaw": -np.abs(landmark_yaw(landmarks)),
+    }
+    if crops is not None:
+        measures["sharpness"] = laplacian_sharpness(crops)
+    return measures
+
+
+# ------------------------------------------------------------------------------------------------ EVRC
+
+
+def threshold_at_fmr(scores: np.ndarray, issame: np.ndarray, fmr: float) -> float:
+    """The lowest similarity threshold at which at most ``fmr`` of the non-mated pairs score *above* it
+    (a pair matches when ``score > threshold``)."""
+    non_mated = np.sort(np.asarray(scores, dtype=np.float64)[~np.asarray(issame, dtype=bool)])
+    if len(non_mated) == 0:
+        raise ValueError("no non-mated pairs: cannot set a threshold at a false match rate")
+    allowed = int(np.floor(fmr * len(non_mated)))  # non-mated pairs that may score above the threshold
+    return float(non_mated[len(non_mated) - 1 - allowed])
+
+
+def rejection_ranks(quality: np.ndarray) -> np.ndarray:
+    """Each face's position in rejection order (0 = rejected first): ascending quality, NaN first (an unknown
+    quality is not trusted), ties by face index."""
+    quality = np.asarray(quality, dtype=np.float64)
+    key = np.where(np.isnan(quality), -np.inf, quality)
+    order = np.lexsort((np.arange(len(key)), key))
+    ranks = np.empty(len(key), dtype=np.int64)
+    ranks[order] = np.arange(len(key))
+    return ranks
+
+
+@dataclass
+class RejectCurve:
+    """FNMR at a fixed threshold after rejecting each fraction of the lowest-quality faces."""
+
+    name: str
+    reject_fractions: list[float]
+    fnmr: list[float]
+    pairs_kept: list[int]
+    area: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def reject_curve(
+    name: str,
+    quality: np.ndarray,
+    pair_faces: np.ndarray,
+    scores: np.ndarray,
+    issame: np.ndarray,
+    threshold: float,
+    fractions: np.ndarray,
+) -> RejectCurve:
+    """The EVRC of one per-face ``quality`` over ``pair_faces`` ``(P, 2)`` face indices (module docstring)."""
+    ranks = rejection_ranks(quality)
+    pair_rank = ranks[pair_faces].min(axis=1)  # a pair goes when its first face goes
+    mated = np.asarray(issame, dtype=bool)
+    failed = mated & ~(np.asarray(scores, dtype=np.float64) > threshold)
+    n_faces = len(quality)
+    fnmr, kept = [], []
+    for fraction in fractions:
+        rejected = int(np.floor(fraction * n_faces + 1e-9))
+        keep = pair_rank >= rejected
+        mated_kept = int(np.sum(keep & mated))
+        kept.append(int(np.sum(keep)))
+        fnmr.append(float(np.sum(keep & failed) / mated_kept) if mated_kept else 0.0)
+    span = float(fractions[-1] - fractions[0])
+    area = float(np.trapezoid(fnmr, fractions) / span) if span > 0 else float(fnmr[0])
+    return RejectCurve(name, [float(f) for f in fractions], fnmr, kept, area)
+
+
+def oracle_quality(n_faces: int, pair_faces: np.ndarray, scores: np.ndarray, issame: np.ndarray, threshold: float) -> np.ndarray:
+    """Minus each face's count of failed mated comparisons at ``threshold``, ties broken by its lowest mated
+    score (squashed into (−0.5, 0.5) so it never outweighs one failure)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    mated = np.asarray(issame, dtype=bool)
+    failed = mated & ~(scores > threshold)
+    failures = np.zeros(n_faces)
+    lowest = np.full(n_faces, np.inf)
+    for column in (0, 1):
+        np.add.at(failures, pair_faces[failed, column], 1.0)
+        np.minimum.at(lowest, pair_faces[mated, column], scores[mated])
+    return -failures + 0.5 * np.tanh(lowest)
+
+
+@dataclass
+class QualityReport:
+    """EVRCs of every measure, the oracle and random rejection, at one operating point."""
+
+    fmr: float
+    threshold: float
+    baseline_fnmr: float
+    curves: list[RejectCurve] = field(default_factory=list)
+
+    def ranking(self) -> list[tuple[str, float]]:
+        """Measures by area under the EVRC (best first), oracle and random included."""
+        return sorted(((c.name, c.area) for c in self.curves), key=lambda item: item[1])
+
+    def to_dict(self) -> dict:
+        return {
+            "fmr": self.fmr,
+            "threshold": self.threshold,
+            "baseline_fnmr": self.baseline_fnmr,
+            "ranking": [{"measure": name, "area": area} for name, area in self.ranking()],
+            "curves": [c.to_dict() for c in self.curves],
+        }
+
+
+def error_versus_reject(
+    measures: Mapping[str, np.ndarray],
+    pair_faces: np.ndarray,
+    scores: np.ndarray,
+    issame: np.ndarray,
+    fmr: float = DEFAULT_FMR,
+    max_reject: float = DEFAULT_MAX_REJECT,
+    steps: int = 51,
+    random_seeds: int = 10,
+) -> QualityReport:
+    """EVRCs of each measure (``{name: (n_faces,) quality}``) for pairs ``(P, 2)`` of face indices with
+    similarity ``scores`` (higher = more alike) and ``issame`` labels."""
+    pair_faces = np.asarray(pair_faces, dtype=np.int64)
+    scores = np.asarray(scores, dtype=np.float64)
+    issame = np.asarray(issame, dtype=bool)
+    if pair_faces.ndim != 2 or pair_faces.shape[1] != 2 or len(pair_faces) != len(scores) or len(scores) != len(issame):
+        raise ValueError("pair_faces must be (P, 2) with one score and one label per pair")
+    if not np.isfinite(scores).all():
+        raise ValueError("comparison scores must be finite")
+    if not issame.any():
+        raise ValueError("no mated pairs: FNMR is undefined")
+    n_faces = int(pair_faces.max()) + 1 if len(pair_faces) else 0
+    for name, quality in measures.items():
+        if len(quality) < n_faces:
+            raise ValueError(f"measure {name!r} has {len(quality)} values for {n_faces} faces")
+    if not 0 < max_reject < 1:
+        raise ValueError("max_reject must be within (0, 1)")
+    threshold = threshold_at_fmr(scores, issame, fmr)
+    fractions = np.linspace(0.0, max_reject, steps)
+    curves = [reject_curve(name, np.asarray(q)[:n_faces], pair_faces, scores, issame, threshold, fractions) for name, q in measures.items()]
+    curves.append(reject_curve("oracle", oracle_quality(n_faces, pair_faces, scores, issame, threshold), pair_faces, scores, issame, threshold, fractions))
+    rng = np.random.default_rng(0)
+    randoms = [reject_curve("random", rng.random(n_faces), pair_faces, scores, issame, threshold, fractions) for _ in range(random_seeds)]
+    mean_fnmr = np.mean([c.fnmr for c in randoms], axis=0)
+    span = float(fractions[-1] - fractions[0])
+    curves.append(
+        RejectCurve("random", [float(f) for f in fractions], mean_fnmr.tolist(), randoms[0].pairs_kept, float(np.trapezoid(mean_fnmr, fractions) / span))
+    )
+    baseline = float(np.mean(~(scores[issame] > threshold)))
+    return QualityReport(fmr, threshold, baseline, curves)
+
+
+def plot_error_versus_reject(report: QualityReport, path: str, title: str = "Error versus reject") -> None:
+    """The EVRCs in one PNG (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from facepipe.io.atomic import atomic_path
+
+    figure, axes = plt.subplots(figsize=(6.4, 4.8))
+    for curve in report.curves:
+        style = {"oracle": ":", "random": "--"}.get(curve.name, "-")
+        axes.plot(curve.reject_fractions, curve.fnmr, style, label=f"{curve.name} (area {curve.area:.4f})")
+    axes.set_xlabel("fraction of faces rejected (lowest quality first)")
+    axes.set_ylabel(f"FNMR at FMR {report.fmr:g} (threshold {report.threshold:.3f})")
+    axes.set_title(title)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=120)
+    plt.close(figure)
