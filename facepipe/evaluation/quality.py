@@ -256,3 +256,27 @@ def plot_error_versus_reject(report: QualityReport, path: str, title: str = "Err
     with atomic_path(path) as tmp:
         figure.savefig(tmp, dpi=120)
     plt.close(figure)
+
+
+# ------------------------------------------------------------------------------------------------ on a protocol
+
+
+def pair_measures(
+    embeddings: np.ndarray,
+    faces: np.ndarray,
+    crops: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Per-face measures from a verification pipeline's outputs: ``embeddings`` ``(N, D)`` raw (flip-summed),
+    ``faces`` ``(N, 15)`` reference rows (box, score, landmarks; NaN rows where no face was found — those faces
+    get NaN quality and are rejected first), optional aligned ``crops`` for sharpness."""
+    faces = np.asarray(faces, dtype=np.float64)
+    landmarks = faces[:, 5:15].reshape(-1, 5, 2)
+    return face_measures(faces[:, 4], embeddings, landmarks, crops)
+
+
+def cosine_scores(embeddings: np.ndarray, pair_faces: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each pair's L2-normalised embeddings."""
+    from facepipe.embedding.base import l2_normalize
+
+    unit = l2_normalize(np.asarray(embeddings, dtype=np.float64))
+    return np.sum(unit[pair_faces[:, 0]] * unit[pair_faces[:, 1]], axis=1)

@@ -1,0 +1,131 @@
+"""``facepipe eval quality``: error-versus-reject curves of face quality measures on a verification protocol."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from facepipe.commands.common import (
+    detector_option,
+    detector_weights_option,
+    device_option,
+    model_option,
+    resolve_device,
+    set_threads,
+    threads_option,
+)
+
+
+@click.command("quality")
+@click.option("--cfp", "cfp_root", type=click.Path(file_okay=False, exists=True), default=None,
+              help="CFP data set folder (Protocol/ and Data/).")
+@click.option("--protocol", type=click.Choice(["FF", "FP"]), default="FP", show_default=True, help="CFP protocol.")
+@click.option("--lfw", "lfw_root", type=click.Path(file_okay=False, exists=True), default=None, help="LFW image folder.")
+@click.option("--lfw-pairs", type=click.Path(dir_okay=False, exists=True), default=None, help="LFW pairs.txt.")
+@detector_option
+@detector_weights_option
+@model_option
+@click.option("--weights", type=click.Path(dir_okay=False, exists=True), default=None, help="Embedding model weights.")
+@device_option
+@threads_option
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--pad", type=click.FloatRange(0, 2), default=0.25, show_default=True,
+              help="Black border before detection (fraction of the longer side), as in eval cfp/lfw.")
+@click.option("--min-score", type=click.FloatRange(0, 1), default=0.5, show_default=True)
+@click.option("--fmr", type=click.FloatRange(1e-6, 0.5), default=1e-3, show_default=True,
+              help="Operating point: the threshold is set at this false match rate on all pairs.")
+@click.option("--max-reject", type=click.FloatRange(0.01, 0.95), default=0.5, show_default=True,
+              help="Largest fraction of faces rejected.")
+@click.option("--splits", default=None, help="Comma-separated official folds to use; default all.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many pairs per fold.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Feature cache (as eval cfp/lfw).")
+@click.option("--no-cache", is_flag=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for evrc.json and evrc.png.")
+def quality(cfp_root, protocol, lfw_root, lfw_pairs, detector, detector_weights, model, weights, device, threads,
+            batch_size, pad, min_score, fmr, max_reject, splits, limit, cache_dir, no_cache, out_dir) -> None:
+    """Error-versus-reject curves (ISO/IEC 29794-1) of every quality measure, the oracle and random rejection."""
+    from facepipe.evaluation.protocols import ProtocolError, read_cfp_pairs, read_lfw_pairs
+    from facepipe.commands.eval_verification import _parse_int_list
+    from facepipe.evaluation.quality import error_versus_reject, plot_error_versus_reject
+
+    if (cfp_root is None) == (lfw_root is None):
+        raise click.UsageError("give one protocol: --cfp ROOT or --lfw ROOT --lfw-pairs pairs.txt")
+    if lfw_root is not None and lfw_pairs is None:
+        raise click.UsageError("--lfw needs --lfw-pairs")
+    set_threads(threads)
+    device = resolve_device(device)
+    try:
+        pairs = read_cfp_pairs(cfp_root, protocol) if cfp_root else read_lfw_pairs(lfw_pairs, lfw_root)
+        pairs = pairs.subset(_parse_int_list(splits, "--splits"), limit)
+    except ProtocolError as exc:
+        raise click.ClickException(str(exc)) from None
+    name = f"CFP-{protocol}" if cfp_root else "LFW"
+    missing = pairs.missing_paths()
+    if missing:
+        raise click.ClickException(f"{name}: {len(missing)} image(s) of the protocol are missing, e.g. {missing[0]}")
+    keys = [os.path.abspath(p) for p in pairs.unique_paths()]
+    features, crops = _features_and_crops(keys, detector, detector_weights, model, weights, device, batch_size,
+                                          min_score, pad, cache_dir, no_cache, name)
+    from facepipe.evaluation.quality import cosine_scores, pair_measures
+
+    position = {key: i for i, key in enumerate(features.keys)}
+    pair_faces = np.array(
+        [[position[os.path.abspath(a)], position[os.path.abspath(b)]] for a, b in zip(pairs.left, pairs.right)], dtype=np.int64
+    )
+    embeddings = features.embedding + features.embedding_flip
+    measures = pair_measures(embeddings, features.faces, crops)
+    scores = cosine_scores(embeddings, pair_faces)
+    try:
+        report = error_versus_reject(measures, pair_faces, scores, pairs.issame, fmr=fmr, max_reject=max_reject)
+    except ValueError as exc:
+        raise click.ClickException(f"{name}: {exc}") from None
+    from facepipe.io.atomic import atomic_write_text
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"protocol": name, "detector": detector, "model": model, "faces": len(keys), "pairs": len(pair_faces),
+               **report.to_dict()}
+    atomic_write_text(out_dir / "evrc.json", json.dumps(payload, indent=1))
+    title = f"{name} · detector {detector} · model {model}"
+    plot_error_versus_reject(report, str(out_dir / "evrc.png"), title=f"Error versus reject: {title}")
+    click.echo(f"== {title}: threshold {report.threshold:.4f} at FMR {fmr:g}, FNMR {report.baseline_fnmr:.4f} with nothing rejected")
+    click.echo("measure          area (mean FNMR, 0..{:.0%} rejected)".format(max_reject))
+    for measure, area in report.ranking():
+        click.echo(f"  {measure:<16} {area:.4f}")
+    click.echo(f"written: {out_dir / 'evrc.json'}, {out_dir / 'evrc.png'}")
+
+
+def _features_and_crops(keys, detector, detector_weights, model, weights, device, batch_size, min_score, pad,
+                        cache_dir, no_cache, name) -> tuple[Any, np.ndarray]:
+    """The verification pipeline's cached features, plus each face's aligned crop (re-warped from the chosen
+    face's landmarks; a centre crop where none was found) for the sharpness measure."""
+    from facepipe.alignment.similarity import align_faces
+    from facepipe.commands.eval_verification import _build_detector, _build_embedder, _cache_dir, _spec
+    from facepipe.evaluation.raw_pipeline import center_crop_fallback, extract_features
+    from facepipe.io.images import ImageDecodeError, read_image
+    from facepipe.types import Face
+
+    def load(key: str) -> np.ndarray:
+        try:
+            return read_image(key)
+        except ImageDecodeError as exc:
+            raise click.ClickException(f"{key}: {exc}") from None
+
+    spec = _spec(detector, detector_weights, model, weights, min_score, pad)
+    features = extract_features(
+        keys, load, _build_detector(detector, detector_weights, device), _build_embedder(model, weights, device, batch_size),
+        spec, cache_dir=_cache_dir(cache_dir, no_cache), batch_size=batch_size, description=f"{name} {detector}",
+    )
+    crops = np.empty((len(keys), 112, 112, 3), dtype=np.uint8)
+    for i, (key, row) in enumerate(zip(features.keys, features.faces)):
+        image = load(key)
+        if np.isnan(row).any():
+            crops[i] = center_crop_fallback(image)
+        else:
+            crops[i] = align_faces([image], [[Face.from_row(row)]])[0][0]
+    return features, crops
