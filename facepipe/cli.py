@@ -45,6 +45,7 @@ class LazyGroup(click.Group):
     lazy_commands={
         "detect": ("facepipe.commands.detect:detect", "Detect faces in images; one JSON line per image."),
         "align": ("facepipe.commands.align:align", "Detect and align faces over a whole data set."),
+        "audit": ("facepipe.commands.audit:audit", "Find label noise, duplicate identities, copies and test overlap in a training set."),
         "embed": ("facepipe.commands.embed:embed", "Embed aligned crops into sharded .npy files."),
         "index": ("facepipe.commands.index:index", "Build and search FAISS galleries of embeddings."),
         "models": ("facepipe.commands.models:models", "List model architectures and input contracts."),
