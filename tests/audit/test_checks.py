@@ -7,7 +7,7 @@ import pytest
 
 from facepipe.audit.checks import equal_density_boundary, label_noise, robust_centres
 from facepipe.audit.data import AuditInputError, EmbeddingSet, check_same_model
-from facepipe.audit.neighbours import nearest
+from facepipe.audit.neighbours import exact_top_k, nearest
 from facepipe.audit.run import audit
 
 
@@ -105,3 +105,18 @@ def test_equal_density_boundary_of_two_normals():
     rng = np.random.default_rng(0)
     boundary = equal_density_boundary(rng.normal(0.7, 0.05, 5000), rng.normal(0.1, 0.05, 5000))
     assert boundary == pytest.approx(0.4, abs=0.01)
+
+
+def test_compressed_search_reranks_exactly_and_reports_recall():
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal((6000, 64)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    queries = base[:200] + 0.02 * rng.standard_normal((200, 64)).astype(np.float32)
+    found = nearest(queries, base.astype(np.float16), k=3, exact_limit=0, flat_bytes=0, nprobe=8)
+    assert found.method.startswith("ivfpq")
+    _, truth = exact_top_k(queries, base, 3)
+    measured = np.mean([len(set(a) & set(b)) / 3 for a, b in zip(found.indices, truth)])
+    assert found.recall == pytest.approx(measured, abs=0.05)  # the sampled recall is the real one
+    assert (found.indices[:, 0] == np.arange(200)).mean() > 0.95  # the perturbed source is the top hit
+    exact = base[found.indices[:, 0]].astype(np.float16).astype(np.float32) @ queries.T
+    np.testing.assert_allclose(found.similarities[:, 0], np.diag(exact), atol=1e-5)  # re-ranked with exact products
