@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from facepipe.faces import choose_faces, detect_padded
 from facepipe.io.atomic import atomic_path
 from facepipe.io.images import read_image
 
@@ -65,11 +66,11 @@ def detect_five_points(paths: Sequence[Path], detector: Any, batch_size: int = 1
     scores = np.full(len(paths), np.nan, dtype=np.float32)
     for start in tqdm(range(0, len(paths), batch_size), desc="five points", unit="batch", disable=not progress):
         batch = [read_image(p) for p in paths[start : start + batch_size]]
-        for offset, faces in enumerate(detector.detect(batch)):
-            if faces:
-                face = max(faces, key=lambda f: f.area)
-                landmarks[start + offset] = face.landmarks
-                scores[start + offset] = face.score
+        for offset, (image, faces) in enumerate(zip(batch, detect_padded(detector, batch))):
+            chosen = choose_faces(faces, image.shape, keep="largest")
+            if chosen:
+                landmarks[start + offset] = chosen[0].landmarks
+                scores[start + offset] = chosen[0].score
     return landmarks, scores
 
 
