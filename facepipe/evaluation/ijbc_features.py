@@ -14,7 +14,7 @@ crop settings (``FeatureExtractor.cache_key``).
 
 **Job.** ``IJBFeatureJob`` implements ``facepipe.engine.job.BatchJob``: units are the missing shards, batches
 ``batch_size`` images described by their paths, points and scores; results cross engines as Arrow tables
-(``RESULT_COLUMNS``). The command picks the engine (``facepipe.engine.run_job``).
+(``result_schema``). The command picks the engine (``facepipe.engine.local.run_job``).
 """
 
 from __future__ import annotations
