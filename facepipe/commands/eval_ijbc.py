@@ -1,4 +1,4 @@
-"""``facepipe eval ijbc``: IJB-C / IJB-B 1:1 verification (TAR@FAR) with the insightface ijb_11 protocol."""
+"""``facepipe eval ijbc``: IJB-C / IJB-B 1:1 verification (TAR@FAR, insightface ijb_11) and 1:N identification (CMC, TPIR@FPIR)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,11 @@ DETECTOR_CHOICES = ("given",) + DETECTOR_NAMES
 @click.command("ijbc")
 @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--target", type=click.Choice(["IJBC", "IJBB"]), default="IJBC", show_default=True, help="Which meta files to read (<root>/meta/<target>_*.txt).")
+@click.option(
+    "--protocol", type=click.Choice(["11", "1n"]), default="11", show_default=True,
+    help="11: 1:1 verification (TAR@FAR); 1n: 1:N identification (CMC rank 1/5/10/20, TPIR at FPIR 0.01/0.1, per "
+    "gallery and averaged) from the <target>_1N_{gallery_*,probe_mixed}.csv files.",
+)
 @click.option("--output", "-o", "output_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for tar_far.json, table.md, roc.png (accumulated over calls: results.json) and scores/*.npy.")
 @model_option
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None, help="Embedding weights (default: bundled for mobilefacenet).")
@@ -46,7 +51,7 @@ DETECTOR_CHOICES = ("given",) + DETECTOR_NAMES
 @device_option
 @threads_option
 def ijbc(
-    root: Path, target: str, output_dir: Path, model: str, weights: str | None, detectors: tuple[str, ...], detector_weights: str | None,
+    root: Path, target: str, protocol: str, output_dir: Path, model: str, weights: str | None, detectors: tuple[str, ...], detector_weights: str | None,
     detector_pad: float,
     flip: bool, norm_score: bool, detector_score: bool, configs: str | None, name: str | None, batch_size: int, shard_size: int,
     cache_dir: Path | None, engine: str, device: str, threads: int | None,
@@ -58,7 +63,8 @@ def ijbc(
     switches or --configs takes seconds. Results accumulate in OUTPUT: each method's rows are added to
     table.md, roc.png and tar_far.json; a rerun of a method replaces its own rows.
     """
-    from facepipe.evaluation.ijbc import ReportError, TemplatePooling, evaluate_cache, parse_configs, write_report, ScoreConfig
+    from facepipe.evaluation.ijbc import ReportError, ScoreConfig, TemplatePooling, evaluate_cache, parse_configs, write_report
+    from facepipe.evaluation.ijbc_1n import evaluate_cache_1n, read_1n_protocol, write_identification_report
     from facepipe.evaluation.ijbc_features import FeatureCache, FeatureCacheError, FeatureExtractor, IJBFeatureJob
     from facepipe.evaluation.ijbc_layout import read_ijb_layout
     from facepipe.io.digest import digest_json
@@ -72,12 +78,13 @@ def ijbc(
     try:
         score_configs = parse_configs(configs) if configs else [ScoreConfig(norm_score, detector_score, flip)]
         layout = read_ijb_layout(root, target)
+        galleries, probes = read_1n_protocol(root, target, layout) if protocol == "1n" else ([], None)
     except (ValueError, FileNotFoundError) as error:
         raise click.ClickException(str(error)) from error
     click.echo(f"{target}: {layout.num_images} images, {len(layout.labels)} pairs ({int(layout.labels.sum())} genuine)", err=True)
     cache_root = cache_dir or output_dir / "feature_cache"
     pooling = TemplatePooling.build(layout.templates, layout.medias)
-    results = []
+    results, identified = [], []
     for detector in dict.fromkeys(detectors):
         extractor = FeatureExtractor(
             model=model, weights=weights, detector=None if detector == "given" else detector,
@@ -93,7 +100,15 @@ def ijbc(
             raise click.ClickException(str(error)) from None
         click.echo(f"{detector}: features of {job.reused} images reused from the cache, {job.extracted} extracted ({directory})", err=True)
         method = (name or model) + ("" if detector == "given" else f"+{detector}")
-        results += evaluate_cache(layout, cache, score_configs, method, scores_dir=output_dir / "scores", pooling=pooling)
+        if protocol == "1n":
+            identified += evaluate_cache_1n(layout, cache, score_configs, method, galleries, probes, pooling)
+        else:
+            results += evaluate_cache(layout, cache, score_configs, method, scores_dir=output_dir / "scores", pooling=pooling)
+    if protocol == "1n":
+        paths = write_identification_report(identified, output_dir)
+        click.echo(paths["table"].read_text(), nl=False)
+        click.echo(f"wrote {paths['json']}, {paths['table']}", err=True)
+        return
     try:
         paths = write_report(results, output_dir, title=f"ROC on {target}")
     except ReportError as error:

@@ -6,7 +6,9 @@ template, each made of several media: multi-image media stand for video frames, 
 frontal and profile views in separate media.
 The CFP images are already loose face crops, so they are the ``loose_crop`` images (linked or copied). Five
 points and faceness scores come from a real detector run on each image (the largest face). As in IJB-C 1:1, pairs
-are every gallery template against every probe template, genuine when the subjects agree.
+are every gallery template against every probe template, genuine when the subjects agree. For 1:N, the gallery
+templates of even-numbered subjects form gallery G1 (IJB-B: S1), the others G2 (S2), and every probe template is
+in the mixed probe set.
 """
 
 from __future__ import annotations
@@ -130,6 +132,7 @@ def build_mini_ijbc(
     )
     pairs = [(g, p, int(gs == ps)) for g, gs in gallery for p, ps in probes]
     _write_lines(meta / f"{prefix}_template_pair_label.txt", (f"{a} {b} {c}" for a, b, c in pairs))
+    _write_1n_files(meta, target, names, rows, gallery, probes)
     return MiniIJBStats(
         subjects=len(subjects),
         images=len(rows),
@@ -138,6 +141,27 @@ def build_mini_ijbc(
         genuine_pairs=sum(c for *_, c in pairs),
         undetected_images=int((~detected).sum()),
     )
+
+
+def _write_1n_files(
+    meta: Path, target: str, names: list[str], rows: list[tuple[Path, int, int, int]],
+    gallery: list[tuple[int, int]], probes: list[tuple[int, int]],
+) -> None:
+    """The 1:N files: two galleries with disjoint subjects (even / odd subject index, as IJB-C's G1 / G2 split its
+    subjects), and every probe template in the mixed probe set (mated in one gallery, non-mated in the other)."""
+    images_of: dict[int, list[str]] = {}
+    for name, (_, template, _, _) in zip(names, rows):
+        images_of.setdefault(template, []).append(name)
+    first, second = ("G1", "G2") if target == "IJBC" else ("S1", "S2")
+    sets = {
+        f"{target.lower()}_1N_gallery_{first}.csv": [(t, s) for t, s in gallery if s % 2 == 0],
+        f"{target.lower()}_1N_gallery_{second}.csv": [(t, s) for t, s in gallery if s % 2 == 1],
+        f"{target.lower()}_1N_probe_mixed.csv": probes,
+    }
+    for file_name, templates in sets.items():
+        lines = ["TEMPLATE_ID,SUBJECT_ID,FILENAME"]
+        lines += [f"{t},{s + 1},{image}" for t, s in templates for image in images_of[t]]
+        _write_lines(meta / file_name, lines)
 
 
 def _write_lines(path: Path, lines) -> None:

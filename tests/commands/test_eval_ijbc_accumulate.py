@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from facepipe.cli import main
 from facepipe.evaluation import ijbc
+from facepipe.evaluation.ijbc import ScoreConfig
 from facepipe.evaluation.ijbc_mini import build_mini_ijbc
 from tests.conftest import shared_path
 
@@ -78,3 +79,37 @@ def test_two_methods_accumulate_and_a_rerun_replaces_its_rows(mini_ijbc, tmp_pat
     assert rows["other N1D1F0"] == before["other N1D1F0"] and rows["base N1D1F1"] != before["base N1D1F1"]
     assert len(json.loads((output / "results.json").read_text())["entries"]) == 2
     assert len(list((output / "feature_cache").iterdir())) == 2  # one cache per landmarks content
+
+
+def test_identification_1n_matches_plain_loops(mini_ijbc, tmp_path):
+    from facepipe.evaluation.ijbc_features import FeatureCache
+    from facepipe.evaluation.ijbc_layout import read_ijb_layout
+    from tests.evaluation.test_ijbc import loop_template_features
+    from tests.evaluation.test_ijbc_1n import loop_identification
+
+    output = tmp_path / "out"
+    stdout, _ = run_cli(str(mini_ijbc), "-o", str(output), "--protocol", "1n", "--configs", "N1D1F1,N0D0F1")
+    assert stdout.splitlines()[0] == "| Methods | rank-1 | rank-5 | rank-10 | rank-20 | TPIR@FPIR=0.01 | TPIR@FPIR=0.1 |"
+    entries = {e["name"]: e for e in json.loads((output / "identification.json").read_text())}
+    assert list(entries) == [f"mobilefacenet {c} {g}" for c in ("N1D1F1", "N0D0F1") for g in ("G1", "G2", "mean")]
+
+    layout = read_ijb_layout(mini_ijbc)
+    manifest = next((output / "feature_cache").glob("*/manifest.json"))
+    stored = json.loads(manifest.read_text())
+    cache = FeatureCache(manifest.parent, stored["key"], stored["num_images"])
+    feats = np.concatenate([f for _, f, _, _ in cache.iter_shards()])
+    scores = np.concatenate([s for _, _, s, _ in cache.iter_shards()])
+    sets = {}
+    for name in ("G1", "G2", "probe_mixed"):
+        lines = (mini_ijbc / "meta" / f"ijbc_1N_{'gallery_' if name != 'probe_mixed' else ''}{name}.csv").read_text().splitlines()[1:]
+        sets[name] = list(dict.fromkeys((int(line.split(",")[0]), int(line.split(",")[1])) for line in lines))
+    assert {s for _, s in sets["G1"]}.isdisjoint({s for _, s in sets["G2"]}) and len(sets["probe_mixed"]) == 8
+    for code in ("N1D1F1", "N0D0F1"):
+        template_feats, unique = loop_template_features(feats, scores, layout.templates, layout.medias, ScoreConfig.parse(code))
+        template_of = dict(zip(unique, template_feats))
+        for gallery in ("G1", "G2"):
+            cmc, tpir = loop_identification(template_of, sets["probe_mixed"], sets[gallery])
+            entry = entries[f"mobilefacenet {code} {gallery}"]
+            assert entry["CMC"] == pytest.approx(cmc, abs=1e-12) and entry["TPIR@FPIR"] == pytest.approx(tpir, abs=1e-12)
+        line = next(l for l in stdout.splitlines() if l.startswith(f"| mobilefacenet {code} mean |"))
+        assert line.split(" | ")[1] == f"{entries[f'mobilefacenet {code} mean']['CMC']['rank1'] * 100:.2f}"
