@@ -57,13 +57,14 @@ def ijbc(
     cache_dir: Path | None, engine: str, device: str, threads: int | None,
     ray_address: str | None = None, num_gpus: float | None = None,
 ) -> None:
-    """IJB-C / IJB-B 1:1 verification of ROOT (holding loose_crop/ and meta/).
+    """IJB-C / IJB-B 1:1 verification (or, with --protocol 1n, 1:N identification) of ROOT (holding loose_crop/
+    and meta/).
 
     Features ([orig, flip] per image) are cached by content (meta files, weights), so re-running with other
     switches or --configs takes seconds. Results accumulate in OUTPUT: each method's rows are added to
     table.md, roc.png and tar_far.json; a rerun of a method replaces its own rows.
     """
-    from facepipe.evaluation.ijbc import ReportError, ScoreConfig, TemplatePooling, evaluate_cache, parse_configs, write_report
+    from facepipe.evaluation.ijbc import ScoreConfig, TemplatePooling, evaluate_cache, parse_configs, write_report
     from facepipe.evaluation.ijbc_1n import evaluate_cache_1n, read_1n_protocol, write_identification_report
     from facepipe.evaluation.ijbc_features import FeatureCache, FeatureCacheError, FeatureExtractor, IJBFeatureJob
     from facepipe.evaluation.ijbc_layout import read_ijb_layout
@@ -96,33 +97,39 @@ def ijbc(
             cache = FeatureCache(directory, key, layout.num_images, shard_size)
             job = IJBFeatureJob(layout, cache, extractor, batch_size)
             run_feature_job(job, engine, ray_options)
-        except (FeatureCacheError, RayEngineError) as error:
+        except (FeatureCacheError, RayEngineError, ValueError, FileNotFoundError) as error:  # bad cache, weights, cluster
             raise click.ClickException(str(error)) from None
         click.echo(f"{detector}: features of {job.reused} images reused from the cache, {job.extracted} extracted ({directory})", err=True)
+        _echo_flag_counts(detector, cache.flags())
         method = (name or model) + ("" if detector == "given" else f"+{detector}")
         if protocol == "1n":
             identified += evaluate_cache_1n(layout, cache, score_configs, method, galleries, probes, pooling)
         else:
             results += evaluate_cache(layout, cache, score_configs, method, scores_dir=output_dir / "scores", pooling=pooling)
-    if protocol == "1n":
-        paths = write_identification_report(identified, output_dir)
-        click.echo(paths["table"].read_text(), nl=False)
-        click.echo(f"wrote {paths['json']}, {paths['table']}", err=True)
-        return
-    try:
-        paths = write_report(results, output_dir, title=f"ROC on {target}")
-    except ReportError as error:
+    try:  # the results already in OUTPUT must be readable and of the same target
+        if protocol == "1n":
+            paths = write_identification_report(identified, output_dir)
+        else:
+            paths = write_report(results, output_dir, title=f"ROC on {target}")
+    except ValueError as error:
         raise click.ClickException(str(error)) from None
-    for cache_dir_name, result in {r.config["cache"]: r for r in results}.items():
-        fallbacks, unreadable = result.config["detector_fallbacks"], result.config["unreadable_images"]
-        if fallbacks:
-            click.echo(f"{result.config['detector']}: {fallbacks} images had no matching detection and used the given points", err=True)
-        if unreadable:
-            click.echo(f"{cache_dir_name}: {unreadable} unreadable images got zero features", err=True)
-        if result.config["failed_images"]:
-            click.echo(f"{cache_dir_name}: {result.config['failed_images']} images failed in the engine and got zero features", err=True)
     click.echo(paths["table"].read_text(), nl=False)
-    click.echo(f"wrote {paths['json']}, {paths['table']}, {paths['roc']}, scores in {output_dir / 'scores'}", err=True)
+    written = ", ".join(str(p) for p in paths.values())
+    click.echo(f"wrote {written}" + ("" if protocol == "1n" else f", scores in {output_dir / 'scores'}"), err=True)
+
+
+def _echo_flag_counts(detector: str, flags: Any) -> None:
+    """Say how many images did not get the feature the protocol assumes (never silent)."""
+    from facepipe.evaluation.ijbc_features import FLAG_DETECTOR_FALLBACK, FLAG_FAILED, FLAG_UNREADABLE
+
+    for flag, what in (
+        (FLAG_DETECTOR_FALLBACK, "had no matching detection and used the given points"),
+        (FLAG_UNREADABLE, "were unreadable and got zero features"),
+        (FLAG_FAILED, "failed in the engine and got zero features"),
+    ):
+        count = int((flags == flag).sum())
+        if count:
+            click.echo(f"{detector}: {count} images {what}", err=True)
 
 
 def run_feature_job(job: Any, engine: str, ray_options: Any = None, progress: bool = True) -> Any:

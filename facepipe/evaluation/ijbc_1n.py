@@ -250,6 +250,9 @@ def write_identification_report(results: Sequence[IdentificationResult], output_
         except (OSError, ValueError) as error:
             raise IJBMetaError(f"{paths['json']} is damaged ({error}); remove it to start the table afresh") from None
     latest = [r.to_json() for r in results]
+    targets = {e.get("config", {}).get("target") for e in [*stored, *latest]} - {None}
+    if len(targets) > 1:
+        raise IJBMetaError(f"{output_dir} holds 1:N results of {', '.join(sorted(targets))}; use one output folder per target")
     names = {entry["name"] for entry in latest}
     entries = [*latest, *(e for e in stored if e.get("name") not in names)]
     atomic_write_text(paths["json"], json.dumps(entries, indent=1))
