@@ -20,7 +20,7 @@ crop settings (``FeatureExtractor.cache_key``).
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -335,8 +335,6 @@ class IJBFeatureJob:
     def worker(self, device: str | None = None) -> IJBFeatureWorker:
         if device is None or device == self.extractor.device:
             return IJBFeatureWorker(self.extractor)
-        from dataclasses import replace
-
         return IJBFeatureWorker(replace(self.extractor, device=device))
 
     def failed(self, batch: dict[str, Any], reason: str) -> pa.Table:
