@@ -19,6 +19,7 @@ crop settings (``FeatureExtractor.cache_key``).
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -63,10 +64,12 @@ class FeatureCache:
         self.state = RunState(self.directory / "manifest.json", self.directory / "parts", prefix="shard")
         previous = self.state.previous_settings() if self.state.run_file.is_file() else None
         self.shard_size = int(previous["shard_size"]) if previous and "shard_size" in previous else int(shard_size)
+        settings = {"key": key, "num_images": self.num_images, "shard_size": self.shard_size}
         try:
-            self.state.start({"key": key, "num_images": self.num_images, "shard_size": self.shard_size})
+            self.state.start(settings)
         except RunStateError as error:
-            raise FeatureCacheError(f"feature cache {self.directory} was made for other features: {error}") from None
+            other = previous is not None and previous != json.loads(json.dumps(settings, default=str))
+            raise FeatureCacheError(f"feature cache {self.directory} {'was made for other features: ' if other else ''}{error}") from None
         finally:
             self.state.close()  # reading needs no lock; ``lock`` takes it for writing
 

@@ -102,3 +102,15 @@ def test_cache_key_follows_content(tmp_path):
     first = FeatureExtractor(weights=str(weights)).cache_key(layout)["weights"]
     weights.write_bytes(b"two")  # same path, new content
     assert FeatureExtractor(weights=str(weights)).cache_key(layout)["weights"] != first
+
+
+def test_a_cache_in_use_is_refused_with_its_holder(tmp_path):
+    cache = FeatureCache(tmp_path / "cache", {"k": 1}, 4)
+    cache.lock()
+    try:
+        with pytest.raises(FeatureCacheError, match=r"in use by pid \d+") as refused:
+            FeatureCache(tmp_path / "cache", {"k": 1}, 4)
+        assert "was made for" not in str(refused.value)
+    finally:
+        cache.close()
+    FeatureCache(tmp_path / "cache", {"k": 1}, 4)  # released: opens again
