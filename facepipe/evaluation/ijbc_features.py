@@ -62,10 +62,11 @@ class FeatureCache:
         self.key = key
         self.num_images = int(num_images)
         self.state = RunState(self.directory / "manifest.json", self.directory / "parts", prefix="shard")
-        previous = self.state.previous_settings() if self.state.run_file.is_file() else None
-        self.shard_size = int(previous["shard_size"]) if previous and "shard_size" in previous else int(shard_size)
-        settings = {"key": key, "num_images": self.num_images, "shard_size": self.shard_size}
+        previous = None
         try:
+            previous = self.state.previous_settings()
+            self.shard_size = int(previous["shard_size"]) if previous and "shard_size" in previous else int(shard_size)
+            settings = {"key": key, "num_images": self.num_images, "shard_size": self.shard_size}
             self.state.start(settings)
         except RunStateError as error:
             other = previous is not None and previous != json.loads(json.dumps(settings, default=str))

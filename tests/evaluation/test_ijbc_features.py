@@ -114,3 +114,10 @@ def test_a_cache_in_use_is_refused_with_its_holder(tmp_path):
     finally:
         cache.close()
     FeatureCache(tmp_path / "cache", {"k": 1}, 4)  # released: opens again
+
+
+def test_an_unreadable_manifest_is_one_clear_error(tmp_path):
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "manifest.json").write_text("{not json")
+    with pytest.raises(FeatureCacheError, match="manifest.json is unreadable"):
+        FeatureCache(tmp_path / "cache", {"k": 1}, 4)
