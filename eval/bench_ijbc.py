@@ -34,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from facepipe.evaluation import ijbc
+from facepipe.evaluation import ijbc, metrics
+from facepipe.evaluation.ijbc_features import FeatureCache
 
 NUM_IMAGES = 469_375
 NUM_TEMPLATES = 23_124
@@ -93,7 +94,7 @@ def make_structure(rng: np.random.Generator) -> dict[str, np.ndarray]:
     }
 
 
-def write_features(cache: ijbc.FeatureCache, subject_of_image: np.ndarray, seed: int) -> None:
+def write_features(cache: FeatureCache, subject_of_image: np.ndarray, seed: int) -> None:
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((NUM_SUBJECTS, DIM)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
@@ -120,7 +121,7 @@ def run_ours(work: Path, config: ijbc.ScoreConfig) -> dict:
     scores = ijbc.score_pairs(feats, pooling.template_rows(data["t1"]), pooling.template_rows(data["t2"]))
     times["score"] = time.perf_counter() - t1
     t2 = time.perf_counter()
-    tars = ijbc.tar_at_far(*ijbc.roc_curve(data["labels"], scores)[:2])
+    tars = metrics.tar_at_far(*metrics.roc_curve(data["labels"], scores)[:2])
     times["roc"] = time.perf_counter() - t2
     times["total"] = time.perf_counter() - t0
     np.save(work / "ours_scores.npy", scores)
@@ -177,7 +178,7 @@ def run_loop(work: Path, config: ijbc.ScoreConfig, loop_templates: int) -> dict:
         scores[s : s + 100_000] = np.sum(feat1 * feat2, -1)
     times["score"] = time.perf_counter() - t1
     t2 = time.perf_counter()
-    tars = ijbc.tar_at_far(*ijbc.roc_curve(data["labels"], scores)[:2])
+    tars = metrics.tar_at_far(*metrics.roc_curve(data["labels"], scores)[:2])
     times["roc"] = time.perf_counter() - t2
     times["total"] = times["pool"] + times["score"] + times["roc"]
     np.save(work / "loop_scores.npy", scores)
@@ -185,9 +186,9 @@ def run_loop(work: Path, config: ijbc.ScoreConfig, loop_templates: int) -> dict:
     return {"times": times, "tars": tars, "looped_templates": looped}
 
 
-def open_cache(work: Path) -> ijbc.FeatureCache:
+def open_cache(work: Path) -> FeatureCache:
     stored = json.loads((work / "cache" / "manifest.json").read_text())
-    return ijbc.FeatureCache(work / "cache", stored["key"], stored["num_images"])
+    return FeatureCache(work / "cache", stored["key"], stored["num_images"])
 
 
 def child_main(role: str, work: Path, config: str, loop_templates: int) -> None:
@@ -226,7 +227,7 @@ def main() -> None:
         if not (work / "labels.npy").is_file() or not open_cache(work).complete:
             t0 = time.perf_counter()
             structure = make_structure(np.random.default_rng(args.seed))
-            cache = ijbc.FeatureCache(work / "cache", {"synthetic": "ijbc-size", "seed": args.seed}, NUM_IMAGES, SHARD)
+            cache = FeatureCache(work / "cache", {"synthetic": "ijbc-size", "seed": args.seed}, NUM_IMAGES, SHARD)
             write_features(cache, structure.pop("subject_of_image"), args.seed + 1)
             for name, array in structure.items():
                 np.save(work / f"{name}.npy", array)
@@ -249,7 +250,7 @@ def main() -> None:
         ours_scores, loop_scores = np.load(work / "ours_scores.npy"), np.load(work / "loop_scores.npy")
         template_diff = np.abs(np.load(work / "ours_templates.npy") - np.load(work / "loop_templates.npy")).max()
         print(f"agreement: max |template diff| {template_diff:.2e}, max |score diff| {np.abs(ours_scores - loop_scores).max():.2e}")
-        print("TAR@FAR facepipe: " + ijbc.format_table([("facepipe", ours["tars"]), ("loop", loop["tars"])]).replace("\n", "\n                  "))
+        print("TAR@FAR facepipe: " + metrics.tar_table([("facepipe", ours["tars"]), ("loop", loop["tars"])]).replace("\n", "\n                  "))
         if ours["tars"] != loop["tars"]:
             print("WARNING: TAR@FAR differ between implementations")
     finally:

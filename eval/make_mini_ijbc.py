@@ -3,6 +3,7 @@
     python eval/make_mini_ijbc.py --cfp ../shared/assets/cfp/cfp-dataset --out /tmp/mini_ijbc \\
         [--subjects 500] [--detector retinaface] [--seed 0] [--target IJBC] [--copy]
     facepipe eval ijbc /tmp/mini_ijbc -o /tmp/mini_ijbc_eval --configs all --detector given --detector mtcnn
+    facepipe eval ijbc /tmp/mini_ijbc -o /tmp/mini_ijbc_1n --protocol 1n     # galleries G1 / G2, mixed probes
 
 Five points and faceness come from the chosen detector (largest face); images without a face are left out and
 counted. Loose crops are symlinks to the CFP files unless --copy.

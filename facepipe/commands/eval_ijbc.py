@@ -1,14 +1,17 @@
-"""``facepipe eval ijbc``: IJB-C / IJB-B 1:1 verification (TAR@FAR) with the insightface ijb_11 protocol."""
+"""``facepipe eval ijbc``: IJB-C / IJB-B 1:1 verification (TAR@FAR, insightface ijb_11) and 1:N identification (CMC, TPIR@FPIR)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
 from facepipe.commands.common import device_option, model_option, resolve_device, set_threads, threads_option
 from facepipe.detection.base import DETECTOR_NAMES
 from facepipe.engine.cli_options import engine_option, engine_options, num_gpus_option, ray_address_option
+from facepipe.engine.local import run_job
+from facepipe.engine.ray_engine import RayEngineError
 
 DETECTOR_CHOICES = ("given",) + DETECTOR_NAMES
 
@@ -16,7 +19,12 @@ DETECTOR_CHOICES = ("given",) + DETECTOR_NAMES
 @click.command("ijbc")
 @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--target", type=click.Choice(["IJBC", "IJBB"]), default="IJBC", show_default=True, help="Which meta files to read (<root>/meta/<target>_*.txt).")
-@click.option("--output", "-o", "output_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for tar_far.json, table.md, roc.png and scores/*.npy.")
+@click.option(
+    "--protocol", type=click.Choice(["11", "1n"]), default="11", show_default=True,
+    help="11: 1:1 verification (TAR@FAR); 1n: 1:N identification (CMC rank 1/5/10/20, TPIR at FPIR 0.01/0.1, per "
+    "gallery and averaged) from the <target>_1N_{gallery_*,probe_mixed}.csv files.",
+)
+@click.option("--output", "-o", "output_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for tar_far.json, table.md, roc.png (accumulated over calls: results.json) and scores/*.npy.")
 @model_option
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None, help="Embedding weights (default: bundled for mobilefacenet).")
 @click.option(
@@ -43,17 +51,24 @@ DETECTOR_CHOICES = ("given",) + DETECTOR_NAMES
 @device_option
 @threads_option
 def ijbc(
-    root: Path, target: str, output_dir: Path, model: str, weights: str | None, detectors: tuple[str, ...], detector_weights: str | None,
+    root: Path, target: str, protocol: str, output_dir: Path, model: str, weights: str | None, detectors: tuple[str, ...], detector_weights: str | None,
     detector_pad: float,
     flip: bool, norm_score: bool, detector_score: bool, configs: str | None, name: str | None, batch_size: int, shard_size: int,
     cache_dir: Path | None, engine: str, device: str, threads: int | None,
     ray_address: str | None = None, num_gpus: float | None = None,
 ) -> None:
-    """IJB-C / IJB-B 1:1 verification of ROOT (holding loose_crop/ and meta/).
+    """IJB-C / IJB-B 1:1 verification (or, with --protocol 1n, 1:N identification) of ROOT (holding loose_crop/
+    and meta/).
 
-    Features ([orig, flip] per image) are cached, so re-running with other switches or --configs takes seconds.
+    Features ([orig, flip] per image) are cached by content (meta files, weights), so re-running with other
+    switches or --configs takes seconds. Results accumulate in OUTPUT: each method's rows are added to
+    table.md, roc.png and tar_far.json; a rerun of a method replaces its own rows.
     """
-    from facepipe.evaluation import ijbc as protocol
+    from facepipe.evaluation.ijbc import ScoreConfig, TemplatePooling, evaluate_cache, parse_configs, write_report
+    from facepipe.evaluation.ijbc_1n import evaluate_cache_1n, read_1n_protocol, write_identification_report
+    from facepipe.evaluation.ijbc_features import FeatureCache, FeatureCacheError, FeatureExtractor, IJBFeatureJob
+    from facepipe.evaluation.ijbc_layout import read_ijb_layout
+    from facepipe.io.digest import digest_json
 
     set_threads(threads)
     ray_options = engine_options(engine, ray_address, num_gpus)
@@ -62,40 +77,72 @@ def ijbc(
     if batch_size < 1 or shard_size < 1:
         raise click.UsageError("--batch-size and --shard-size must be positive")
     try:
-        score_configs = protocol.parse_configs(configs) if configs else [protocol.ScoreConfig(norm_score, detector_score, flip)]
-        layout = protocol.read_ijb_layout(root, target)
+        score_configs = parse_configs(configs) if configs else [ScoreConfig(norm_score, detector_score, flip)]
+        layout = read_ijb_layout(root, target)
+        galleries, probes = read_1n_protocol(root, target, layout) if protocol == "1n" else ([], None)
     except (ValueError, FileNotFoundError) as error:
         raise click.ClickException(str(error)) from error
     click.echo(f"{target}: {layout.num_images} images, {len(layout.labels)} pairs ({int(layout.labels.sum())} genuine)", err=True)
     cache_root = cache_dir or output_dir / "feature_cache"
-    pooling = protocol.TemplatePooling.build(layout.templates, layout.medias)
-    results = []
+    pooling = TemplatePooling.build(layout.templates, layout.medias)
+    results, identified = [], []
     for detector in dict.fromkeys(detectors):
-        extractor = protocol.FeatureExtractor(
+        extractor = FeatureExtractor(
             model=model, weights=weights, detector=None if detector == "given" else detector,
             detector_weights=None if detector == "given" else detector_weights, device=device, detector_pad=detector_pad,
         )
         key = extractor.cache_key(layout)
-        directory = cache_root / f"{target}_{model}_{detector}_{protocol.FeatureCache.key_digest(key)}"
+        directory = cache_root / f"{target}_{model}_{detector}_{digest_json(key)[:10]}"
         try:
-            cache = protocol.FeatureCache(directory, key, layout.num_images, shard_size)
-        except ValueError as error:
-            raise click.ClickException(str(error)) from error
-        if not cache.complete:
-            from facepipe.engine.ray_engine import RayEngineError
-
-            try:
-                protocol.extract_features(layout, cache, extractor, batch_size=batch_size, engine=engine, engine_options=ray_options)
-            except RayEngineError as error:
-                raise click.ClickException(str(error)) from None
+            cache = FeatureCache(directory, key, layout.num_images, shard_size)
+            job = IJBFeatureJob(layout, cache, extractor, batch_size)
+            run_feature_job(job, engine, ray_options)
+        except (FeatureCacheError, RayEngineError, ValueError, FileNotFoundError) as error:  # bad cache, weights, cluster
+            raise click.ClickException(str(error)) from None
+        click.echo(f"{detector}: features of {job.reused} images reused from the cache, {job.extracted} extracted ({directory})", err=True)
+        _echo_flag_counts(detector, cache.flags())
         method = (name or model) + ("" if detector == "given" else f"+{detector}")
-        results += protocol.evaluate_cache(layout, cache, score_configs, method, scores_dir=output_dir / "scores", pooling=pooling)
-    paths = protocol.write_report(results, output_dir, title=f"ROC on {target}")
-    for cache_dir_name, result in {r.config["cache"]: r for r in results}.items():
-        fallbacks, unreadable = result.config["detector_fallbacks"], result.config["unreadable_images"]
-        if fallbacks:
-            click.echo(f"{result.config['detector']}: {fallbacks} images had no matching detection and used the given points", err=True)
-        if unreadable:
-            click.echo(f"{cache_dir_name}: {unreadable} unreadable images got zero features", err=True)
+        if protocol == "1n":
+            identified += evaluate_cache_1n(layout, cache, score_configs, method, galleries, probes, pooling)
+        else:
+            results += evaluate_cache(layout, cache, score_configs, method, scores_dir=output_dir / "scores", pooling=pooling)
+    try:  # the results already in OUTPUT must be readable and of the same target
+        if protocol == "1n":
+            paths = write_identification_report(identified, output_dir)
+        else:
+            paths = write_report(results, output_dir, title=f"ROC on {target}")
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
     click.echo(paths["table"].read_text(), nl=False)
-    click.echo(f"wrote {paths['json']}, {paths['table']}, {paths['roc']}, scores in {output_dir / 'scores'}", err=True)
+    written = ", ".join(str(p) for p in paths.values())
+    click.echo(f"wrote {written}" + ("" if protocol == "1n" else f", scores in {output_dir / 'scores'}"), err=True)
+
+
+def _echo_flag_counts(detector: str, flags: Any) -> None:
+    """Say how many images did not get the feature the protocol assumes (never silent)."""
+    from facepipe.evaluation.ijbc_features import FLAG_DETECTOR_FALLBACK, FLAG_FAILED, FLAG_UNREADABLE
+
+    for flag, what in (
+        (FLAG_DETECTOR_FALLBACK, "had no matching detection and used the given points"),
+        (FLAG_UNREADABLE, "were unreadable and got zero features"),
+        (FLAG_FAILED, "failed in the engine and got zero features"),
+    ):
+        count = int((flags == flag).sum())
+        if count:
+            click.echo(f"{detector}: {count} images {what}", err=True)
+
+
+def run_feature_job(job: Any, engine: str, ray_options: Any = None, progress: bool = True) -> Any:
+    """Fill the job's cache on the chosen engine (the one place the IJB-C features meet an engine)."""
+    if engine == "ray":
+        from facepipe.engine import ray_engine
+
+        if not hasattr(ray_engine, "run_ray"):
+            # Transitional: until the job-agnostic Ray engine (run_ray) is merged, the IJB-C Ray driver fills the
+            # same cache shards. Remove this branch at the merge.
+            job.pending()
+            ray_engine.extract_ijb_features_ray(
+                job.layout, job.cache, job.extractor, batch_size=job.batch_size, options=ray_options, progress=progress
+            )
+            return job.finish()
+    return run_job(job, engine=engine, progress=progress, **({"options": ray_options} if engine == "ray" else {}))

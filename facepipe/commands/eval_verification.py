@@ -2,17 +2,22 @@
 
 * ``verify``: insightface .bin files (already aligned 112x112 crops): embed, 10-fold accuracy, VAL@FAR.
 * ``cfp`` / ``lfw``: raw images through detect -> align -> embed (``facepipe.evaluation.raw_pipeline``).
-* ``compare-detectors``: the RetinaFace paper's Table 4: the same embedder behind each detector's alignment.
+* ``compare-detectors``: the RetinaFace paper's Table 4: the same embedder behind each detector's alignment;
+  the table accumulates over calls (one row per detector and model; a rerun replaces its row).
+
+The runs themselves live in ``facepipe.evaluation.verification_runs``; this module parses options, prints each
+result block under a title naming its benchmark, detector and model, and turns library errors into one line
+(``_clear_errors``, the one boundary).
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import click
-import numpy as np
 
 from facepipe.commands.common import (
     detector_option,
@@ -24,14 +29,7 @@ from facepipe.commands.common import (
     threads_option,
 )
 from facepipe.detection.base import DETECTOR_NAMES
-from facepipe.io.atomic import atomic_write_text
-
-DETECTOR_TITLES = {
-    "mtcnn": "MTCNN",
-    "retinaface": "RetinaFace",
-    "retinaface-r50": "RetinaFace-R50",
-    "retinaface-onnx": "RetinaFace (ONNX)",
-}
+from facepipe.evaluation.verification_runs import DETECTOR_TITLES, VerificationRunError, block_title, summary_line
 
 
 def default_cache_dir() -> Path:
@@ -102,61 +100,37 @@ def _cache_dir(cache_dir: str | None, no_cache: bool) -> Path | None:
 def _build_embedder(model: str, weights: str | None, device: str, batch_size: int) -> Any:
     from facepipe.embedding.base import create_embedder
 
-    try:
-        return create_embedder(model, weights=weights, device=device, batch_size=batch_size)
-    except (ValueError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from None
+    return create_embedder(model, weights=weights, device=device, batch_size=batch_size)
 
 
 def _build_detector(name: str, weights: str | None, device: str) -> Any:
     from facepipe.detection.base import create_detector
 
-    try:
-        return create_detector(name, weights=weights, device=device)
-    except (ValueError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from None
+    return create_detector(name, weights=weights, device=device)
 
 
 def _meta(model: str, weights: str | None, **extra: Any) -> dict[str, Any]:
     return {"model": model, "weights": weights or "bundled", **extra}
 
 
-# --------------------------------------------------------------------------------------------------- .bin files
-
-
-def embed_aligned(embedder: Any, images: np.ndarray, batch_size: int, description: str) -> tuple[np.ndarray, np.ndarray]:
-    """Raw embeddings of aligned crops and of their mirrors, batched, with a progress bar."""
-    from tqdm import tqdm
-
-    dim = embedder.embedding_size
-    plain = np.empty((len(images), dim), dtype=np.float32)
-    mirrored = np.empty((len(images), dim), dtype=np.float32)
-    with tqdm(total=len(images), desc=description, unit="img") as bar:
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            both = embedder.embed(np.concatenate([chunk, chunk[:, :, ::-1]]), flip=False)
-            plain[start : start + len(chunk)] = both[: len(chunk)]
-            mirrored[start : start + len(chunk)] = both[len(chunk) :]
-            bar.update(len(chunk))
-    return plain, mirrored
-
-
-def evaluate_bin(
-    path: str | os.PathLike, embedder: Any, batch_size: int = 32, limit_pairs: int | None = None, name: str | None = None
-) -> Any:
-    """Evaluate one .bin with its own (released) alignment; returns a ``BenchmarkReport``."""
-    from facepipe.evaluation.verification import evaluate_interleaved
-    from facepipe.io.verification_bin import VerificationBinError, load_bin
-
-    name = name or Path(path).stem
+@contextmanager
+def _clear_errors() -> Iterator[None]:
+    """The one boundary: a library error (bad input, unknown model, missing weights) becomes one line."""
     try:
-        images, issame = load_bin(path, limit_pairs=limit_pairs, progress=True)
-    except VerificationBinError as exc:
+        yield
+    except (VerificationRunError, ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
-    if len(issame) < 2:
-        raise click.ClickException(f"{path}: {len(issame)} pair(s); the protocol needs at least 2")
-    plain, mirrored = embed_aligned(embedder, images, batch_size, f"embed {name}")
-    return evaluate_interleaved(name, plain, mirrored, issame, n_folds=min(10, len(issame)))
+
+
+def _echo_block(title: str, report: Any, summary: dict[str, Any] | None = None) -> None:
+    click.echo(title)
+    for line in report.lines():
+        click.echo(line)
+    if summary is not None:
+        click.echo(summary_line(report, summary))
+
+
+# --------------------------------------------------------------------------------------------------- .bin files
 
 
 @click.command()
@@ -173,15 +147,16 @@ def evaluate_bin(
 def verify(bin_files, model, weights, device, threads, batch_size, limit, out, roc) -> None:
     """10-fold verification accuracy on insightface .bin files (crops as released, flip test)."""
     from facepipe.evaluation.verification import plot_roc, write_json
+    from facepipe.evaluation.verification_runs import evaluate_bin
 
     set_threads(threads)
-    embedder = _build_embedder(model, weights, resolve_device(device), batch_size)
-    reports = []
-    for path in bin_files:
-        report = evaluate_bin(path, embedder, batch_size, limit)
-        for line in report.lines():
-            click.echo(line)
-        reports.append(report)
+    with _clear_errors():
+        embedder = _build_embedder(model, weights, resolve_device(device), batch_size)
+        reports = []
+        for path in bin_files:
+            report = evaluate_bin(path, embedder, batch_size, limit)
+            _echo_block(block_title(Path(path).stem, model, None), report)
+            reports.append(report)
     data: dict[str, Any] = {r.name: r.to_dict() for r in reports}
     data["meta"] = _meta(model, weights, bins=[str(p) for p in bin_files], limit=limit)
     write_json(data, out)
@@ -191,85 +166,6 @@ def verify(bin_files, model, weights, device, threads, batch_size, limit, out, r
 
 
 # --------------------------------------------------------------------------------------------------- raw images
-
-
-def run_pairs(
-    name: str,
-    pairs: Any,
-    detector: Any,
-    embedder: Any,
-    spec: Any,
-    cache_dir: Path | None,
-    batch_size: int,
-) -> tuple[Any, dict[str, Any]]:
-    """Features for every image of ``pairs`` (cached), then the protocol on the official folds."""
-    from facepipe.evaluation.raw_pipeline import extract_features, feature_summary
-    from facepipe.evaluation.verification import evaluate_embeddings
-    from facepipe.io.images import ImageDecodeError, read_image
-
-    _check_pair_count(name, pairs)
-    missing = pairs.missing_paths()
-    if missing:
-        shown = "\n  ".join(str(p) for p in missing[:5])
-        raise click.ClickException(f"{name}: {len(missing)} image(s) of the protocol are missing, e.g.\n  {shown}")
-
-    def load(key: str) -> np.ndarray:
-        try:
-            return read_image(key)
-        except ImageDecodeError as exc:
-            raise click.ClickException(f"{key}: {exc}") from None
-
-    # Absolute (not symlink-resolved) paths: the cache key must not depend on the working directory.
-    keys = [os.path.abspath(p) for p in pairs.unique_paths()]
-    features = extract_features(
-        keys, load, detector, embedder, spec, cache_dir=cache_dir, batch_size=batch_size,
-        description=f"{name} {spec.detector}",
-    )
-    position = features.index()
-    left = np.array([position[os.path.abspath(p)] for p in pairs.left], dtype=np.int64)
-    right = np.array([position[os.path.abspath(p)] for p in pairs.right], dtype=np.int64)
-    several_folds = len(pairs.folds) >= 2
-    report = evaluate_embeddings(
-        name,
-        features.embedding[left],
-        features.embedding_flip[left],
-        features.embedding[right],
-        features.embedding_flip[right],
-        pairs.issame,
-        n_folds=min(10, len(pairs)),
-        fold_ids=pairs.fold if several_folds else None,
-    )
-    summary = feature_summary(features)
-    summary["folds"] = pairs.folds if several_folds else f"10 ordered folds inside fold {pairs.folds[0]}"
-    return report, summary
-
-
-def _cfp_pair_lists(root: str, protocols: Sequence[str], splits: list[int] | None, limit: int | None) -> dict[str, Any]:
-    from facepipe.evaluation.protocols import ProtocolError, read_cfp_pairs
-
-    try:
-        lists = {p: read_cfp_pairs(root, p).subset(splits, limit) for p in protocols}
-    except ProtocolError as exc:
-        raise click.ClickException(str(exc)) from None
-    for protocol, pairs in lists.items():
-        _check_pair_count(f"CFP-{protocol}", pairs)
-    return lists
-
-
-def _check_pair_count(name: str, pairs: Any) -> None:
-    if len(pairs) < 2:
-        raise click.ClickException(f"{name}: {len(pairs)} pair(s) selected; the protocol needs at least 2")
-
-
-def _lfw_pair_list(root: str, pairs_file: str, splits: list[int] | None, limit: int | None) -> Any:
-    from facepipe.evaluation.protocols import ProtocolError, read_lfw_pairs
-
-    try:
-        pairs = read_lfw_pairs(pairs_file, root).subset(splits, limit)
-    except ProtocolError as exc:
-        raise click.ClickException(str(exc)) from None
-    _check_pair_count("LFW", pairs)
-    return pairs
 
 
 def _spec(detector: str, detector_weights: str | None, model: str, weights: str | None, min_score: float,
@@ -283,10 +179,33 @@ def _entry(report: Any, summary: dict[str, Any]) -> dict[str, Any]:
     return {**report.to_dict(), "images": summary}
 
 
-def _echo_report(report: Any, summary: dict[str, Any]) -> None:
-    for line in report.lines():
-        click.echo(line)
-    click.echo(f"[{report.name}]images: {summary['images']}, no face found (fallback crop): {summary['fallback']}")
+def _run_protocols(
+    pair_lists: dict[str, tuple[str, str, Any]], detector_name: str, detector_weights: str | None, model: str,
+    weights: str | None, device: str, batch_size: int, min_score: float, pad: float, cache: Path | None,
+    out: str, roc: str | None, roc_title: str, meta: dict[str, Any],
+) -> None:
+    """``{report key: (report name, printed title, pairs)}`` through one detector and embedder; the JSON report
+    (and ROC)."""
+    from facepipe.evaluation.verification import plot_roc, write_json
+    from facepipe.evaluation.verification_runs import run_pairs
+
+    with _clear_errors():
+        detector = _build_detector(detector_name, detector_weights, device)
+        embedder = _build_embedder(model, weights, device, batch_size)
+        spec = _spec(detector_name, detector_weights, model, weights, min_score, pad)
+        data: dict[str, Any] = {}
+        reports = []
+        for key, (name, title, pairs) in pair_lists.items():
+            report, summary = run_pairs(name, pairs, detector, embedder, spec, cache, batch_size)
+            _echo_block(block_title(title, model, detector_name), report, summary)
+            data[key] = _entry(report, summary)
+            reports.append(report)
+    data["meta"] = _meta(model, weights, detector=detector_name, detector_weights=detector_weights or "bundled",
+                         min_score=min_score, pad=pad, **meta)
+    write_json(data, out)
+    if roc:
+        plot_roc(reports, roc, title=f"{DETECTOR_TITLES.get(detector_name, detector_name)} + {model}: {roc_title} ROC")
+    click.echo(f"report written to {out}")
 
 
 splits_option = click.option(
@@ -311,28 +230,14 @@ raw_protocol_options = [
 def cfp(root, protocols, detector, detector_weights, model, weights, device, threads, batch_size, splits, limit,
         min_score, pad, cache_dir, no_cache, out, roc) -> None:
     """CFP-FF / CFP-FP from the raw images: detect, align, embed, 10-fold on the official splits."""
-    from facepipe.evaluation.verification import plot_roc, write_json
+    from facepipe.evaluation.verification_runs import cfp_pair_lists
 
     set_threads(threads)
-    device = resolve_device(device)
-    pair_lists = _cfp_pair_lists(root, protocols, _parse_int_list(splits, "--splits"), limit)
-    det = _build_detector(detector, detector_weights, device)
-    embedder = _build_embedder(model, weights, device, batch_size)
-    spec = _spec(detector, detector_weights, model, weights, min_score, pad)
-    data: dict[str, Any] = {}
-    reports = []
-    for protocol, pairs in pair_lists.items():
-        report, summary = run_pairs(f"cfp_{protocol.lower()}", pairs, det, embedder, spec,
-                                    _cache_dir(cache_dir, no_cache), batch_size)
-        _echo_report(report, summary)
-        data[protocol] = _entry(report, summary)
-        reports.append(report)
-    data["meta"] = _meta(model, weights, detector=detector, detector_weights=detector_weights or "bundled",
-                         root=str(root), splits=splits or "all", limit=limit, min_score=min_score, pad=pad)
-    write_json(data, out)
-    if roc:
-        plot_roc(reports, roc, title=f"{DETECTOR_TITLES.get(detector, detector)} + {model}: CFP ROC")
-    click.echo(f"report written to {out}")
+    with _clear_errors():
+        pair_lists = cfp_pair_lists(root, protocols, _parse_int_list(splits, "--splits"), limit)
+    _run_protocols({p: (f"cfp_{p.lower()}", f"CFP-{p}", pairs) for p, pairs in pair_lists.items()}, detector, detector_weights,
+                   model, weights, resolve_device(device), batch_size, min_score, pad, _cache_dir(cache_dir, no_cache),
+                   out, roc, "CFP", {"root": str(root), "splits": splits or "all", "limit": limit})
 
 
 @click.command()
@@ -344,78 +249,17 @@ def cfp(root, protocols, detector, detector_weights, model, weights, device, thr
 def lfw(root, pairs_file, detector, detector_weights, model, weights, device, threads, batch_size, splits, limit,
         min_score, pad, cache_dir, no_cache, out, roc) -> None:
     """LFW from the raw images and pairs.txt: detect, align, embed, 10-fold on the official sets."""
-    from facepipe.evaluation.verification import plot_roc, write_json
+    from facepipe.evaluation.verification_runs import lfw_pair_list
 
     set_threads(threads)
-    device = resolve_device(device)
-    pairs = _lfw_pair_list(root, pairs_file, _parse_int_list(splits, "--splits"), limit)
-    det = _build_detector(detector, detector_weights, device)
-    embedder = _build_embedder(model, weights, device, batch_size)
-    spec = _spec(detector, detector_weights, model, weights, min_score, pad)
-    report, summary = run_pairs("lfw", pairs, det, embedder, spec, _cache_dir(cache_dir, no_cache), batch_size)
-    _echo_report(report, summary)
-    data = {"LFW": _entry(report, summary)}
-    data["meta"] = _meta(model, weights, detector=detector, detector_weights=detector_weights or "bundled",
-                         root=str(root), pairs=str(pairs_file), splits=splits or "all", limit=limit, min_score=min_score, pad=pad)
-    write_json(data, out)
-    if roc:
-        plot_roc([report], roc, title=f"{DETECTOR_TITLES.get(detector, detector)} + {model}: LFW ROC")
-    click.echo(f"report written to {out}")
+    with _clear_errors():
+        pairs = lfw_pair_list(root, pairs_file, _parse_int_list(splits, "--splits"), limit)
+    _run_protocols({"LFW": ("lfw", "LFW", pairs)}, detector, detector_weights, model, weights, resolve_device(device),
+                   batch_size, min_score, pad, _cache_dir(cache_dir, no_cache), out, roc, "LFW",
+                   {"root": str(root), "pairs": str(pairs_file), "splits": splits or "all", "limit": limit})
 
 
 # --------------------------------------------------------------------------------------------------- comparison
-
-
-def realign_bin(
-    path: str | os.PathLike, detector: Any, detector_name: str, embedder: Any, spec: Any, cache_dir: Path | None,
-    batch_size: int, limit_pairs: int | None,
-) -> tuple[Any, dict[str, Any]]:
-    """A .bin re-aligned by ``detector``: each crop padded, detected, aligned again (crop kept if no face)."""
-    from facepipe.evaluation.raw_pipeline import extract_features, feature_summary
-    from facepipe.evaluation.verification import evaluate_interleaved
-    from facepipe.io.verification_bin import VerificationBinError, load_bin
-
-    name = Path(path).stem
-    try:
-        images, issame = load_bin(path, limit_pairs=limit_pairs)
-    except VerificationBinError as exc:
-        raise click.ClickException(str(exc)) from None
-    if len(issame) < 2:
-        raise click.ClickException(f"{path}: {len(issame)} pair(s); the protocol needs at least 2")
-    resolved = str(Path(path).resolve())
-    keys = [f"{resolved}#{i}" for i in range(len(images))]
-    features = extract_features(
-        keys, lambda key: images[int(key.rsplit("#", 1)[1])], detector, embedder, spec,
-        cache_dir=cache_dir, batch_size=batch_size, description=f"{name} {detector_name}",
-    )
-    report = evaluate_interleaved(name, features.embedding, features.embedding_flip, issame, n_folds=min(10, len(issame)))
-    return report, feature_summary(features)
-
-
-def format_table(rows: list[dict[str, Any]], columns: list[str], model: str) -> str:
-    """Markdown: one row per method, accuracy (%) +- std per benchmark column, then fallback counts."""
-    lines = [
-        f"| Method | {' | '.join(columns)} |",
-        "|---|" + "---|" * len(columns),
-    ]
-    for row in rows:
-        cells = []
-        for column in columns:
-            result = row["results"].get(column)
-            cells.append("-" if result is None else f"{100 * result['acc']:.2f} ± {100 * result['std']:.2f}")
-        lines.append(f"| {row['method']} | {' | '.join(cells)} |")
-    lines.append("")
-    lines.append(f"Accuracy (%) of the 10-fold protocol with the flip test, embedder `{model}`.")
-    notes = []
-    for row in rows:
-        for column in columns:
-            result = row["results"].get(column)
-            if result is not None and result.get("images", {}).get("fallback"):
-                images = result["images"]
-                notes.append(f"{row['method']} / {column}: no face found in {images['fallback']} of {images['images']} images")
-    if notes:
-        lines.append("Fallback crops (no face above the score threshold): " + "; ".join(notes) + ".")
-    return "\n".join(lines) + "\n"
 
 
 def _out_paths(out: str) -> tuple[Path, Path]:
@@ -450,8 +294,19 @@ def _out_paths(out: str) -> tuple[Path, Path]:
               help="table.md or table.json: both the Markdown and the JSON table are written.")
 def compare_detectors(cfp_root, lfw_root, lfw_pairs, bin_files, detectors, model, weights, device, threads,
                       batch_size, splits, limit, min_score, pad, cache_dir, no_cache, out) -> None:
-    """Same embedder, different face detectors for alignment (RetinaFace paper, Table 4)."""
-    from facepipe.evaluation.verification import write_json
+    """Same embedder, different face detectors for alignment (RetinaFace paper, Table 4).
+
+    The table accumulates in --out: rows of other detectors or models already there are kept, a rerun of a
+    detector with the same model and weights replaces its row.
+    """
+    from facepipe.evaluation.verification_runs import (
+        ComparisonTable,
+        cfp_pair_lists,
+        evaluate_bin,
+        lfw_pair_list,
+        realign_bin,
+        run_pairs,
+    )
 
     if not (cfp_root or lfw_root or bin_files):
         raise click.UsageError("give at least one benchmark: --cfp, --lfw with --lfw-pairs, or --bin")
@@ -466,49 +321,45 @@ def compare_detectors(cfp_root, lfw_root, lfw_pairs, bin_files, detectors, model
     device = resolve_device(device)
     split_list = _parse_int_list(splits, "--splits")
     cache = _cache_dir(cache_dir, no_cache)
-    cfp_lists = _cfp_pair_lists(cfp_root, ("FF", "FP"), split_list, limit) if cfp_root else {}
-    lfw_list = _lfw_pair_list(lfw_root, lfw_pairs, split_list, limit) if lfw_root else None
-    bin_limit = None if limit is None else limit * 10
-    embedder = _build_embedder(model, weights, device, batch_size)
-
-    columns = [f"CFP-{p}" for p in cfp_lists] + (["LFW"] if lfw_list is not None else [])
-    columns += [Path(b).stem for b in bin_files]
-    rows: list[dict[str, Any]] = []
-    for detector_name in detector_names:
-        detector = _build_detector(detector_name, None, device)
-        results: dict[str, Any] = {}
-        spec = _spec(detector_name, None, model, weights, min_score, pad)
-        for protocol, pairs in cfp_lists.items():
-            report, summary = run_pairs(f"cfp_{protocol.lower()}", pairs, detector, embedder, spec, cache, batch_size)
-            _echo_report(report, summary)
-            results[f"CFP-{protocol}"] = _entry(report, summary)
-        if lfw_list is not None:
-            report, summary = run_pairs("lfw", lfw_list, detector, embedder, spec, cache, batch_size)
-            _echo_report(report, summary)
-            results["LFW"] = _entry(report, summary)
-        aligned_spec = _spec(detector_name, None, model, weights, min_score, pad=0.5, mode="aligned")
-        for path in bin_files:
-            report, summary = realign_bin(path, detector, detector_name, embedder, aligned_spec, cache, batch_size,
-                                          bin_limit)
-            _echo_report(report, summary)
-            results[Path(path).stem] = _entry(report, summary)
-        rows.append({"method": f"{DETECTOR_TITLES.get(detector_name, detector_name)} + {model}",
-                     "detector": detector_name, "results": results})
-    if bin_files:
-        results = {}
-        for path in bin_files:
-            report = evaluate_bin(path, embedder, batch_size, bin_limit)
-            for line in report.lines():
-                click.echo(line)
-            results[Path(path).stem] = report.to_dict()
-        rows.append({"method": f"released .bin crops + {model}", "detector": None, "results": results})
-
     markdown_path, json_path = _out_paths(out)
-    table = format_table(rows, columns, model)
-    atomic_write_text(markdown_path, table)
-    write_json({"columns": columns, "rows": rows,
-                "meta": _meta(model, weights, cfp=cfp_root, lfw=lfw_root, lfw_pairs=lfw_pairs,
-                              bins=list(bin_files), splits=splits or "all", limit=limit, min_score=min_score, pad=pad)},
-               json_path)
+    bin_limit = None if limit is None else limit * 10
+    with _clear_errors():
+        stored = ComparisonTable.load(json_path)
+        cfp_lists = cfp_pair_lists(cfp_root, ("FF", "FP"), split_list, limit) if cfp_root else {}
+        lfw_list = lfw_pair_list(lfw_root, lfw_pairs, split_list, limit) if lfw_root else None
+        embedder = _build_embedder(model, weights, device, batch_size)
+        columns = [f"CFP-{p}" for p in cfp_lists] + (["LFW"] if lfw_list is not None else [])
+        columns += [Path(b).stem for b in bin_files]
+        rows: list[dict[str, Any]] = []
+        for detector_name in detector_names:
+            detector = _build_detector(detector_name, None, device)
+            results: dict[str, Any] = {}
+            spec = _spec(detector_name, None, model, weights, min_score, pad)
+            raw = [(f"CFP-{p}", f"cfp_{p.lower()}", pairs) for p, pairs in cfp_lists.items()]
+            raw += [("LFW", "lfw", lfw_list)] if lfw_list is not None else []
+            for column, name, pairs in raw:
+                report, summary = run_pairs(name, pairs, detector, embedder, spec, cache, batch_size)
+                _echo_block(block_title(column, model, detector_name), report, summary)
+                results[column] = _entry(report, summary)
+            aligned_spec = _spec(detector_name, None, model, weights, min_score, pad=0.5, mode="aligned")
+            for path in bin_files:
+                report, summary = realign_bin(path, detector, detector_name, embedder, aligned_spec, cache, batch_size,
+                                              bin_limit)
+                _echo_block(block_title(Path(path).stem, model, detector_name), report, summary)
+                results[Path(path).stem] = _entry(report, summary)
+            rows.append({"key": ComparisonTable.row_key(detector_name, model, weights),
+                         "method": f"{DETECTOR_TITLES.get(detector_name, detector_name)} + {model}",
+                         "detector": detector_name, "model": model, "weights": weights, "results": results})
+        if bin_files:
+            results = {}
+            for path in bin_files:
+                report = evaluate_bin(path, embedder, batch_size, bin_limit)
+                _echo_block(block_title(Path(path).stem, model, None), report)
+                results[Path(path).stem] = report.to_dict()
+            rows.append({"key": ComparisonTable.row_key(None, model, weights), "method": f"released .bin crops + {model}",
+                         "detector": None, "model": model, "weights": weights, "results": results})
+    stored.add(columns, rows, _meta(model, weights, cfp=cfp_root, lfw=lfw_root, lfw_pairs=lfw_pairs, bins=list(bin_files),
+                                    splits=splits or "all", limit=limit, min_score=min_score, pad=pad))
+    table = stored.write(markdown_path, json_path)
     click.echo(table)
-    click.echo(f"table written to {markdown_path} and {json_path}")
+    click.echo(f"table written to {markdown_path} and {json_path} ({len(stored.rows)} rows)")

@@ -6,7 +6,9 @@ template, each made of several media: multi-image media stand for video frames, 
 frontal and profile views in separate media.
 The CFP images are already loose face crops, so they are the ``loose_crop`` images (linked or copied). Five
 points and faceness scores come from a real detector run on each image (the largest face). As in IJB-C 1:1, pairs
-are every gallery template against every probe template, genuine when the subjects agree.
+are every gallery template against every probe template, genuine when the subjects agree. For 1:N, the gallery
+templates of even-numbered subjects form gallery G1 (IJB-B: S1), the others G2 (S2), and every probe template is
+in the mixed probe set.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from facepipe.faces import choose_faces, detect_padded
 from facepipe.io.atomic import atomic_path
 from facepipe.io.images import read_image
 
@@ -65,11 +68,11 @@ def detect_five_points(paths: Sequence[Path], detector: Any, batch_size: int = 1
     scores = np.full(len(paths), np.nan, dtype=np.float32)
     for start in tqdm(range(0, len(paths), batch_size), desc="five points", unit="batch", disable=not progress):
         batch = [read_image(p) for p in paths[start : start + batch_size]]
-        for offset, faces in enumerate(detector.detect(batch)):
-            if faces:
-                face = max(faces, key=lambda f: f.area)
-                landmarks[start + offset] = face.landmarks
-                scores[start + offset] = face.score
+        for offset, (image, faces) in enumerate(zip(batch, detect_padded(detector, batch))):
+            chosen = choose_faces(faces, image.shape, keep="largest")
+            if chosen:
+                landmarks[start + offset] = chosen[0].landmarks
+                scores[start + offset] = chosen[0].score
     return landmarks, scores
 
 
@@ -129,6 +132,7 @@ def build_mini_ijbc(
     )
     pairs = [(g, p, int(gs == ps)) for g, gs in gallery for p, ps in probes]
     _write_lines(meta / f"{prefix}_template_pair_label.txt", (f"{a} {b} {c}" for a, b, c in pairs))
+    _write_1n_files(meta, target, names, rows, gallery, probes)
     return MiniIJBStats(
         subjects=len(subjects),
         images=len(rows),
@@ -137,6 +141,27 @@ def build_mini_ijbc(
         genuine_pairs=sum(c for *_, c in pairs),
         undetected_images=int((~detected).sum()),
     )
+
+
+def _write_1n_files(
+    meta: Path, target: str, names: list[str], rows: list[tuple[Path, int, int, int]],
+    gallery: list[tuple[int, int]], probes: list[tuple[int, int]],
+) -> None:
+    """The 1:N files: two galleries with disjoint subjects (even / odd subject index, as IJB-C's G1 / G2 split its
+    subjects), and every probe template in the mixed probe set (mated in one gallery, non-mated in the other)."""
+    images_of: dict[int, list[str]] = {}
+    for name, (_, template, _, _) in zip(names, rows):
+        images_of.setdefault(template, []).append(name)
+    first, second = ("G1", "G2") if target == "IJBC" else ("S1", "S2")
+    sets = {
+        f"{target.lower()}_1N_gallery_{first}.csv": [(t, s) for t, s in gallery if s % 2 == 0],
+        f"{target.lower()}_1N_gallery_{second}.csv": [(t, s) for t, s in gallery if s % 2 == 1],
+        f"{target.lower()}_1N_probe_mixed.csv": probes,
+    }
+    for file_name, templates in sets.items():
+        lines = ["TEMPLATE_ID,SUBJECT_ID,FILENAME"]
+        lines += [f"{t},{s + 1},{image}" for t, s in templates for image in images_of[t]]
+        _write_lines(meta / file_name, lines)
 
 
 def _write_lines(path: Path, lines) -> None:

@@ -31,6 +31,8 @@ from typing import Sequence
 
 import numpy as np
 
+from facepipe.embedding.base import l2_normalize
+from facepipe.evaluation import metrics
 from facepipe.io.atomic import atomic_write_text
 
 ACCURACY_THRESHOLDS = np.arange(0, 4, 0.01)
@@ -216,13 +218,6 @@ def evaluate_distances(
     )
 
 
-def normalize_rows(x: np.ndarray) -> np.ndarray:
-    """L2-normalise rows (scikit-learn ``normalize``: zero rows stay zero)."""
-    x = np.asarray(x, dtype=np.float64)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms == 0, 1.0, norms)
-
-
 def xnorm(*embedding_sets: np.ndarray) -> float:
     """Mean L2 norm over all rows of all the given raw embedding arrays."""
     norms = np.concatenate([np.linalg.norm(np.asarray(e, dtype=np.float64), axis=1) for e in embedding_sets])
@@ -279,14 +274,12 @@ def evaluate_embeddings(
 
     ``flip``: ``normalize(e + e_mirror)``; ``no_flip``: ``normalize(e)``; XNorm over all four arrays.
     """
-    no_flip = evaluate_distances(
-        pair_distances(normalize_rows(embeddings1), normalize_rows(embeddings2)), issame, n_folds, fold_ids
-    )
+    def unit(x: np.ndarray) -> np.ndarray:  # float64 after any flip sum, as the reference
+        return l2_normalize(np.asarray(x, dtype=np.float64))
+
+    no_flip = evaluate_distances(pair_distances(unit(embeddings1), unit(embeddings2)), issame, n_folds, fold_ids)
     flip = evaluate_distances(
-        pair_distances(normalize_rows(embeddings1 + embeddings1_flip), normalize_rows(embeddings2 + embeddings2_flip)),
-        issame,
-        n_folds,
-        fold_ids,
+        pair_distances(unit(embeddings1 + embeddings1_flip), unit(embeddings2 + embeddings2_flip)), issame, n_folds, fold_ids
     )
     return BenchmarkReport(
         name=name,
@@ -307,30 +300,11 @@ def evaluate_interleaved(
 
 def plot_roc(reports: Sequence[BenchmarkReport], path: str | os.PathLike, title: str = "ROC") -> Path:
     """ROC (TPR vs FPR, mean over folds, flip embeddings) of one or more benchmarks to a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(5.5, 5))
-    for report in reports:
-        fpr = np.asarray(report.flip.fpr)
-        tpr = np.asarray(report.flip.tpr)
-        order = np.argsort(fpr, kind="stable")
-        axes.plot(fpr[order], tpr[order], label=f"{report.name}: acc {report.flip.accuracy:.4f}, AUC {report.flip.auc:.4f}")
-    axes.plot([0, 1], [0, 1], color="grey", linewidth=0.5, linestyle="--")
-    axes.set_xlabel("false accept rate")
-    axes.set_ylabel("true accept rate")
-    axes.set_xlim(0, 1)
-    axes.set_ylim(0, 1.01)
-    axes.set_title(title)
-    axes.grid(True, linewidth=0.3)
-    axes.legend(loc="lower right", fontsize=8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(figure)
-    return path
+    curves = [
+        (f"{r.name}: acc {r.flip.accuracy:.4f}, AUC {r.flip.auc:.4f}", np.asarray(r.flip.fpr), np.asarray(r.flip.tpr))
+        for r in reports
+    ]
+    return metrics.plot_roc(curves, path, title)
 
 
 def write_json(data: dict, path: str | os.PathLike) -> Path:

@@ -35,3 +35,14 @@ def digest_strings(strings: Iterable[str]) -> str:
 def digest_json(value: Any) -> str:
     """sha256 of a JSON-serialisable value with sorted keys (settings dictionaries)."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def weights_fingerprint(weights: str | os.PathLike | None) -> str:
+    """What a model's outputs depend on: the weights file's bytes; ``None`` (the bundled defaults) digests every
+    bundled weights file, so that a changed bundled file invalidates what was computed with it."""
+    if weights is not None:
+        return file_fingerprint(weights)
+    from facepipe.weights import WEIGHTS_DIR
+
+    bundled = sorted(p for p in WEIGHTS_DIR.iterdir() if p.is_file() and p.suffix in (".pt", ".pth", ".onnx"))
+    return digest_strings(f"{p.name}:{file_fingerprint(p)}" for p in bundled)

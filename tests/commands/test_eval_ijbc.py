@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from facepipe.cli import main
-from facepipe.evaluation import ijbc
+from facepipe.evaluation import ijbc, ijbc_features, ijbc_layout, metrics
 from facepipe.evaluation.ijbc_mini import build_mini_ijbc
 from tests.conftest import shared_path
 from tests.evaluation.test_ijbc import brute_force_roc, loop_template_features, nearest_tar
@@ -38,28 +38,28 @@ def run_cli(*args: str) -> str:
     return result.stdout
 
 
-def independent_tars(layout: ijbc.IJBLayout, cache: ijbc.FeatureCache, config: ijbc.ScoreConfig):
+def independent_tars(layout: ijbc_layout.IJBLayout, cache: ijbc_features.FeatureCache, config: ijbc.ScoreConfig):
     feats = np.concatenate([f for _, f, _, _ in cache.iter_shards()])
     scores = np.concatenate([s for _, _, s, _ in cache.iter_shards()])
     template_feats, unique_templates = loop_template_features(feats, scores, layout.templates, layout.medias, config)
     row = {t: i for i, t in enumerate(unique_templates)}
     pair_scores = np.array([template_feats[row[a]] @ template_feats[row[b]] for a, b in zip(layout.pair_t1, layout.pair_t2)])
     fpr, tpr, _ = brute_force_roc(layout.labels.astype(int), pair_scores)
-    return {ijbc.far_key(x): float(nearest_tar(fpr, tpr, x)) for x in ijbc.FAR_LEVELS}, pair_scores
+    return {metrics.far_key(x): float(nearest_tar(fpr, tpr, x)) for x in metrics.FAR_LEVELS}, pair_scores
 
 
-def caches(output: Path) -> dict[str, ijbc.FeatureCache]:
+def caches(output: Path) -> dict[str, ijbc_features.FeatureCache]:
     found = {}
     for manifest in sorted((output / "feature_cache").glob("*/manifest.json")):
         stored = json.loads(manifest.read_text())
-        found[stored["key"]["detector"]] = ijbc.FeatureCache(manifest.parent, stored["key"], stored["num_images"])
+        found[stored["key"]["detector"]] = ijbc_features.FeatureCache(manifest.parent, stored["key"], stored["num_images"])
     return found
 
 
 def test_cli_switches_and_detector_comparison_match_loops(mini_ijbc, tmp_path):
     output = tmp_path / "out"
     stdout = run_cli(str(mini_ijbc), "-o", str(output), "--configs", "all", "--detector", "given", "--detector", "retinaface", "--detector-pad", "0", "--shard-size", "40", "--batch-size", "16")
-    layout = ijbc.read_ijb_layout(mini_ijbc)
+    layout = ijbc_layout.read_ijb_layout(mini_ijbc)
     results = json.loads((output / "tar_far.json").read_text())
     assert len(results) == 16 and stdout.splitlines()[0] == "| Methods | 1e-06 | 1e-05 | 0.0001 | 0.001 | 0.01 | 0.1 |"
     assert (output / "roc.png").read_bytes()[:4] == b"\x89PNG"
@@ -79,7 +79,7 @@ def test_cli_switches_and_detector_comparison_match_loops(mini_ijbc, tmp_path):
             assert loop_scores[layout.labels == 1].mean() > loop_scores[layout.labels == 0].mean() + 0.3
         line = next(l for l in stdout.splitlines() if l.startswith(f"| {method} N1D1F1 |"))
         tars = by_name[f"{method} N1D1F1"]["TAR@FAR"]
-        assert line == f"| {method} N1D1F1 | " + " | ".join(f"{tars[ijbc.far_key(x)] * 100:.2f}" for x in ijbc.FAR_LEVELS) + " |"
+        assert line == f"| {method} N1D1F1 | " + " | ".join(f"{tars[metrics.far_key(x)] * 100:.2f}" for x in metrics.FAR_LEVELS) + " |"
 
     # The given five points came from the same RetinaFace on the unpadded crops, so re-detection without a border
     # finds the same face: same points (to the 2 decimals stored), same scores (6 decimals), features equal to noise.
@@ -99,7 +99,7 @@ def test_cached_features_are_the_aligned_flip_embeddings(mini_ijbc, tmp_path):
 
     output = tmp_path / "out"
     run_cli(str(mini_ijbc), "-o", str(output), "--shard-size", "40")
-    layout = ijbc.read_ijb_layout(mini_ijbc)
+    layout = ijbc_layout.read_ijb_layout(mini_ijbc)
     cache = caches(output)["given"]
     feats = np.concatenate([f for _, f, _, _ in cache.iter_shards()])
     embedder = create_embedder("mobilefacenet")
@@ -141,9 +141,9 @@ def test_cli_errors(mini_ijbc, tmp_path):
 def test_cli_mtcnn_redetection_matches_loops(mini_ijbc, tmp_path):
     output = tmp_path / "out"
     run_cli(str(mini_ijbc), "-o", str(output), "--configs", "N1D1F1,N0D0F1", "--detector", "mtcnn")
-    layout = ijbc.read_ijb_layout(mini_ijbc)
+    layout = ijbc_layout.read_ijb_layout(mini_ijbc)
     cache = caches(output)["mtcnn"]
     for result in json.loads((output / "tar_far.json").read_text()):
         expected, _ = independent_tars(layout, cache, ijbc.ScoreConfig.parse(result["config"]["code"]))
         assert result["TAR@FAR"] == expected
-        assert result["config"]["detector_fallbacks"] == int((cache.flags() == ijbc.FLAG_DETECTOR_FALLBACK).sum())
+        assert result["config"]["detector_fallbacks"] == int((cache.flags() == ijbc_features.FLAG_DETECTOR_FALLBACK).sum())

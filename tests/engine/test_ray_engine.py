@@ -171,7 +171,9 @@ def test_embed_cli_on_ray_equals_local_engine_and_resumes(ray_cluster, crops, tm
 
 
 def test_ijbc_features_on_ray_equal_local_engine(ray_cluster, images, local_aligned, tmp_path):
-    from facepipe.evaluation import ijbc
+    from facepipe.commands.eval_ijbc import run_feature_job
+    from facepipe.evaluation import ijbc_features as ijbc
+    from facepipe.evaluation.ijbc_layout import IJBLayout
 
     rows = pq.read_table(local_aligned / "manifest.parquet").to_pylist()
     root = tmp_path / "ijb"
@@ -184,7 +186,7 @@ def test_ijbc_features_on_ray_equal_local_engine(ray_cluster, images, local_alig
         landmarks.append(np.reshape(row["landmarks"][0], (5, 2)) if row["landmarks"] else np.zeros((5, 2)))
         faceness.append(row["scores"][0] if row["scores"] else 0.0)
     n = len(names)
-    layout = ijbc.IJBLayout(
+    layout = IJBLayout(
         root=root, target="IJBC", image_names=np.array(names), templates=np.arange(n), medias=np.arange(n),
         landmarks=np.asarray(landmarks, dtype=np.float32), faceness=np.asarray(faceness, dtype=np.float32),
         pair_t1=np.array([0]), pair_t2=np.array([1]), labels=np.array([1], dtype=np.int8),
@@ -192,10 +194,10 @@ def test_ijbc_features_on_ray_equal_local_engine(ray_cluster, images, local_alig
     extractor = ijbc.FeatureExtractor(model="mobilefacenet", detector="retinaface")
     key = extractor.cache_key(layout)
     with pytest.warns(UserWarning, match="002_broken.jpg unreadable"):
-        local = ijbc.extract_features(layout, ijbc.FeatureCache(tmp_path / "local", key, n, shard_size=3), extractor,
-                                      batch_size=2, progress=False)
-    on_ray = ijbc.extract_features(layout, ijbc.FeatureCache(tmp_path / "ray", key, n, shard_size=3), extractor,
-                                   batch_size=2, engine="ray", engine_options=RayOptions(actors=1), progress=False)
+        local = run_feature_job(ijbc.IJBFeatureJob(layout, ijbc.FeatureCache(tmp_path / "local", key, n, shard_size=3), extractor,
+                                                   batch_size=2), "local", progress=False)
+    on_ray = run_feature_job(ijbc.IJBFeatureJob(layout, ijbc.FeatureCache(tmp_path / "ray", key, n, shard_size=3), extractor,
+                                                batch_size=2), "ray", RayOptions(actors=1), progress=False)
     assert on_ray.complete and on_ray.num_shards == 3
     assert tree(tmp_path / "ray") == tree(tmp_path / "local")
     flags = local.flags()

@@ -9,17 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facepipe.evaluation import ijbc
-from facepipe.evaluation.ijbc import (
-    FeatureCache,
-    ScoreConfig,
-    TemplatePooling,
-    parse_configs,
-    pool_templates,
-    roc_curve,
-    score_pairs,
-    tar_at_far,
-)
+from facepipe.embedding.base import PairEmbedding
+from facepipe.evaluation import ijbc, ijbc_features, ijbc_layout, metrics
+from facepipe.evaluation.ijbc import ScoreConfig, TemplatePooling, parse_configs, pool_templates, score_pairs
+from facepipe.evaluation.ijbc_features import FeatureCache
+from facepipe.evaluation.metrics import roc_curve, tar_at_far
 
 
 # ------------------------------------------------------------------ straightforward reference versions
@@ -166,8 +160,8 @@ def test_roc_curve_equals_brute_force(seed):
     np.testing.assert_allclose(tpr, bf_tpr)
     full_fpr, full_tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
     assert len(full_fpr) == len(np.unique(scores)) + 1 >= len(fpr)
-    for x in ijbc.FAR_LEVELS + (0.05, 0.3):
-        assert tar_at_far(fpr, tpr, [x])[ijbc.far_key(x)] == nearest_tar(bf_fpr, bf_tpr, x)
+    for x in metrics.FAR_LEVELS + (0.05, 0.3):
+        assert tar_at_far(fpr, tpr, [x])[metrics.far_key(x)] == nearest_tar(bf_fpr, bf_tpr, x)
 
 
 def test_roc_curve_known_small_case():
@@ -187,7 +181,7 @@ def test_tar_at_far_tie_takes_higher_tpr():
 
 
 def test_format_table():
-    table = ijbc.format_table([("m N1D1F1", {k: v for k, v in zip(map(ijbc.far_key, ijbc.FAR_LEVELS), [0.8829, 0.94, 0.96071, 0.97, 0.98, 0.99])})])
+    table = metrics.tar_table([("m N1D1F1", {k: v for k, v in zip(map(metrics.far_key, metrics.FAR_LEVELS), [0.8829, 0.94, 0.96071, 0.97, 0.98, 0.99])})])
     assert table.splitlines()[0] == "| Methods | 1e-06 | 1e-05 | 0.0001 | 0.001 | 0.01 | 0.1 |"
     assert table.splitlines()[2] == "| m N1D1F1 | 88.29 | 94.00 | 96.07 | 97.00 | 98.00 | 99.00 |"
 
@@ -211,7 +205,7 @@ def test_read_layout_round_trip_and_errors(tmp_path, target):
     landmarks = rng.uniform(0, 100, (7, 5, 2)).astype(np.float32)
     faceness = rng.uniform(0, 1, 7).astype(np.float32)
     write_meta(tmp_path, target, names, templates, medias, landmarks, faceness, [5, 5], [9, 12], [1, 0])
-    layout = ijbc.read_ijb_layout(tmp_path, target)
+    layout = ijbc_layout.read_ijb_layout(tmp_path, target)
     assert list(layout.image_names) == names
     np.testing.assert_array_equal(layout.templates, templates)
     np.testing.assert_array_equal(layout.medias, medias)
@@ -221,21 +215,21 @@ def test_read_layout_round_trip_and_errors(tmp_path, target):
     assert layout.image_paths(0, 1) == [str(tmp_path / "loose_crop" / "1.jpg")]
 
     with pytest.raises(FileNotFoundError, match="ijbb_face_tid_mid" if target == "IJBC" else "ijbc_face_tid_mid"):
-        ijbc.read_ijb_layout(tmp_path, "IJBB" if target == "IJBC" else "IJBC")
+        ijbc_layout.read_ijb_layout(tmp_path, "IJBB" if target == "IJBC" else "IJBC")
     pairs = tmp_path / "meta" / f"{target.lower()}_template_pair_label.txt"
     pairs.write_text("5 77 1\n")
     with pytest.raises(ValueError, match="no images"):
-        ijbc.read_ijb_layout(tmp_path, target)
+        ijbc_layout.read_ijb_layout(tmp_path, target)
     pairs.write_text("5 9 2\n")
     with pytest.raises(ValueError, match="0 or 1"):
-        ijbc.read_ijb_layout(tmp_path, target)
+        ijbc_layout.read_ijb_layout(tmp_path, target)
     lmk = tmp_path / "meta" / f"{target.lower()}_name_5pts_score.txt"
     lines = lmk.read_text().splitlines()
     lmk.write_text("\n".join(lines[1:] + lines[:1]) + "\n")
     with pytest.raises(ValueError, match="same order"):
-        ijbc.read_ijb_layout(tmp_path, target)
+        ijbc_layout.read_ijb_layout(tmp_path, target)
     with pytest.raises(ValueError, match="unknown target"):
-        ijbc.read_ijb_layout(tmp_path, "IJBA")
+        ijbc_layout.read_ijb_layout(tmp_path, "IJBA")
 
 
 def test_feature_cache_resume_and_key_check(tmp_path):
@@ -263,7 +257,7 @@ def test_feature_cache_resume_and_key_check(tmp_path):
         FeatureCache(tmp_path / "c", {"model": "other"}, num_images=10)
 
 
-class FlipSensitiveEmbedder:
+class FlipSensitiveEmbedder(PairEmbedding):
     """A real (deterministic, non-trivial) function of the pixels: mean BGR of the left and right halves."""
 
     name = "halves"
@@ -286,14 +280,14 @@ def test_extract_batch_aligns_flips_and_flags_unreadable(tmp_path):
     (tmp_path / "b.jpg").write_bytes(b"not an image")
     lmk = np.array([[40, 50], [90, 50], [65, 75], [45, 100], [85, 100]], np.float32)
     with pytest.warns(UserWarning, match="unreadable"):
-        out = ijbc.extract_batch([str(tmp_path / "a.png"), str(tmp_path / "b.jpg")], np.stack([lmk, lmk]), np.array([0.9, 0.8]), FlipSensitiveEmbedder())
+        out = ijbc_features.extract_batch([str(tmp_path / "a.png"), str(tmp_path / "b.jpg")], np.stack([lmk, lmk]), np.array([0.9, 0.8]), FlipSensitiveEmbedder())
     crop = norm_crop(image, lmk, 112)
     embedder = FlipSensitiveEmbedder()
     np.testing.assert_allclose(out["features"][0, 0], embedder.embed(crop[None])[0], rtol=1e-6)
     np.testing.assert_allclose(out["features"][0, 1], embedder.embed(crop[None, :, ::-1])[0], rtol=1e-6)
     assert not np.allclose(out["features"][0, 0], out["features"][0, 1])
     assert np.all(out["features"][1] == 0)
-    assert list(out["flag"]) == [ijbc.FLAG_OK, ijbc.FLAG_UNREADABLE]
+    assert list(out["flag"]) == [ijbc_features.FLAG_OK, ijbc_features.FLAG_UNREADABLE]
     np.testing.assert_allclose(out["score"], [0.9, 0.8])
 
 
@@ -303,9 +297,9 @@ def test_match_detection_picks_nearest_and_rejects_other_faces():
     given = np.array([[40, 50], [90, 50], [65, 75], [45, 100], [85, 100]], np.float32)
     near = Face(box=[20, 20, 110, 130], score=0.7, landmarks=given + 3)
     far = Face(box=[200, 20, 290, 130], score=0.99, landmarks=given + [180, 0])
-    assert ijbc.match_detection([far, near], given) is near
-    assert ijbc.match_detection([far], given) is None
-    assert ijbc.match_detection([], given) is None
+    assert ijbc_features.match_detection([far, near], given) is near
+    assert ijbc_features.match_detection([far], given) is None
+    assert ijbc_features.match_detection([], given) is None
 
 
 class FixedDetector:
@@ -333,25 +327,25 @@ def test_extract_batch_redetects_on_padded_crop(tmp_path):
     cv2.imwrite(str(tmp_path / "a.png"), image)
     detector = FixedDetector()
     given = np.array([[40, 50], [90, 50], [65, 75], [45, 100], [85, 100]], np.float32)
-    out = ijbc.extract_batch([str(tmp_path / "a.png")], given[None], np.array([0.9]), FlipSensitiveEmbedder(), detector, detector_pad=0.2)
+    out = ijbc_features.extract_batch([str(tmp_path / "a.png")], given[None], np.array([0.9]), FlipSensitiveEmbedder(), detector, detector_pad=0.2)
     assert detector.shapes == [(150 + 60, 130 + 60, 3)]  # border 0.2 x 150 = 30 px each side
     # The detected points, shifted back by the border, are the given ones + (0, 0): same crop, detector score.
     np.testing.assert_allclose(out["features"][0, 0], FlipSensitiveEmbedder().embed(norm_crop(image, given, 112)[None])[0], rtol=1e-6)
-    assert out["score"][0] == pytest.approx(0.75) and out["flag"][0] == ijbc.FLAG_OK
+    assert out["score"][0] == pytest.approx(0.75) and out["flag"][0] == ijbc_features.FLAG_OK
     far_given = given + 60  # the only detection is now far from the given face: fall back, keep given score
-    out = ijbc.extract_batch([str(tmp_path / "a.png")], far_given[None], np.array([0.9]), FlipSensitiveEmbedder(), detector, detector_pad=0.2)
-    assert out["flag"][0] == ijbc.FLAG_DETECTOR_FALLBACK and out["score"][0] == pytest.approx(0.9)
+    out = ijbc_features.extract_batch([str(tmp_path / "a.png")], far_given[None], np.array([0.9]), FlipSensitiveEmbedder(), detector, detector_pad=0.2)
+    assert out["flag"][0] == ijbc_features.FLAG_DETECTOR_FALLBACK and out["score"][0] == pytest.approx(0.9)
 
 
 def test_feature_extractor_pickles_without_models():
-    extractor = ijbc.FeatureExtractor(model="mobilefacenet", detector="retinaface")
+    extractor = ijbc_features.FeatureExtractor(model="mobilefacenet", detector="retinaface")
     extractor._models = (object(), object())
     clone = pickle.loads(pickle.dumps(extractor))
     assert clone._models is None and clone.model == "mobilefacenet" and clone.detector == "retinaface"
 
 
 def test_write_report(tmp_path):
-    result = ijbc.ConfigResult("m N1D1F1", {"code": "N1D1F1"}, {ijbc.far_key(x): 0.5 for x in ijbc.FAR_LEVELS}, np.array([0, 0.5, 1.0]), np.array([0, 0.7, 1.0]))
+    result = ijbc.ConfigResult("m N1D1F1", {"code": "N1D1F1"}, {metrics.far_key(x): 0.5 for x in metrics.FAR_LEVELS}, np.array([0, 0.5, 1.0]), np.array([0, 0.7, 1.0]))
     paths = ijbc.write_report([result], tmp_path)
     assert json.loads(paths["json"].read_text()) == [{"TAR@FAR": result.tar_at_far, "config": {"code": "N1D1F1"}}]
     assert json.loads((tmp_path / "m_N1D1F1.json").read_text())["TAR@FAR"]["1e-06"] == 0.5
