@@ -5,13 +5,15 @@ a training folder (identity = folder); then, with ``--seed``:
 
 - **misfiled**: a fraction of the images is moved into another identity's folder;
 - **split**: a fraction of the identities has half its images moved into a second folder ``<id>_alt``;
-- **copies**: a fraction of the images gets a near-duplicate — downscaled (50–90 %), slightly cropped (0–6 %),
-  re-encoded as JPEG (quality 60–90) — in the same folder or, for a third of them, another identity's;
+- **copies**: a fraction of the images gets a near-duplicate made the way scraped data gets them: the original
+  photo downscaled (50–90 %), slightly cropped (0–6 % off each side), re-encoded as JPEG (quality 60–90), then
+  detected and aligned like every other image — in the same folder or, for a third of them, another identity's;
 - **evaluation set**: ``--overlap`` training identities give 4 of their frontal images to an evaluation folder
   (the training set keeps the other 6), beside as many identities that are not in the training set.
 
-Both folders are embedded with ``facepipe embed``; ``truth.json`` lists every fault. Then run
-``eval/audit_quality.py OUT`` for precision and recall per kind.
+Both folders, and the training folder before any fault was injected (``emb_clean``: CFP's own faults, which
+the audit finds too, are told apart from the injected ones with it), are embedded with ``facepipe embed``;
+``truth.json`` lists every injected fault. Then run ``eval/audit_quality.py OUT`` for precision and recall per kind.
 
     python eval/make_noisy_training_set.py --cfp ../shared/assets/cfp/cfp-dataset --out /tmp/noisy --identities 200
 """
@@ -33,15 +35,14 @@ def facepipe(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "facepipe", *args], check=True)
 
 
-def degrade(crop: np.ndarray, rng: np.random.Generator) -> bytes:
-    """A resized, slightly cropped, re-encoded copy of a 112×112 crop."""
-    h, w = crop.shape[:2]
-    cut = int(round(rng.uniform(0.0, 0.06) * w))
-    part = crop[cut : h - cut, cut : w - cut]
+def degrade(image: np.ndarray, rng: np.random.Generator) -> bytes:
+    """A downscaled, slightly cropped, re-encoded copy of a photo."""
+    h, w = image.shape[:2]
+    top, bottom, left, right = (int(round(rng.uniform(0.0, 0.06) * side)) for side in (h, h, w, w))
+    part = image[top : h - bottom, left : w - right]
     scale = rng.uniform(0.5, 0.9)
-    small = cv2.resize(part, (max(8, int(w * scale)), max(8, int(h * scale))), interpolation=cv2.INTER_AREA)
-    back = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
-    ok, data = cv2.imencode(".jpg", back, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(60, 91))])
+    small = cv2.resize(part, (max(8, int(part.shape[1] * scale)), max(8, int(part.shape[0] * scale))), interpolation=cv2.INTER_AREA)
+    ok, data = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(60, 91))])
     assert ok
     return data.tobytes()
 
@@ -83,6 +84,7 @@ def main() -> None:
             target.mkdir(parents=True, exist_ok=True)
             shutil.copy(crop, target / crop.name)
 
+    facepipe("embed", str(train), "--out", str(args.out / "emb_clean"), "--no-progress")
     truth: dict[str, list] = {"misfiled": [], "split": [], "copies": [], "overlap": sorted(overlap_ids)}
     all_crops = sorted(p.relative_to(train).as_posix() for p in train.rglob("*.png"))
     for rel in rng.choice(all_crops, int(round(args.misfiled * len(all_crops))), replace=False):
@@ -97,14 +99,25 @@ def main() -> None:
         for crop in crops[1::2]:
             shutil.move(crop, train / f"{person}_alt" / crop.name)
         truth["split"].append([str(person), f"{person}_alt"])
-    remaining = sorted(p.relative_to(train).as_posix() for p in train.rglob("*.png"))
+    remaining = sorted(p.relative_to(train).as_posix() for p in train.rglob("*.png") if not p.name.startswith("misfiled_"))
+    originals = args.out / "copy_originals"
+    shutil.rmtree(originals, ignore_errors=True)
+    planned = []
     for k, rel in enumerate(rng.choice(remaining, int(round(args.copies * len(remaining))), replace=False)):
-        crop = cv2.imread(str(train / rel))
+        person = rel.split("/")[0].removesuffix("_alt")
+        photo = cv2.imread(str(images / person / "frontal" / Path(rel).with_suffix(".jpg").name))
         folder = Path(rel).parent.as_posix() if k % 3 else str(rng.choice([p for p in train_ids if p != rel.split("/")[0]]))
-        copy_rel = f"{folder}/copy_{k:04d}.jpg"
-        (train / copy_rel).write_bytes(degrade(crop, rng))
+        (originals / folder).mkdir(parents=True, exist_ok=True)
+        (originals / folder / f"copy_{k:04d}.jpg").write_bytes(degrade(photo, rng))
+        planned.append((rel, f"{folder}/copy_{k:04d}.png"))
+    facepipe("align", str(originals), "--out", str(args.out / "copies_aligned"), "--format", "png", "--no-progress")
+    for rel, copy_rel in planned:
+        aligned = args.out / "copies_aligned" / copy_rel
+        if not aligned.is_file():
+            continue  # no face found in the degraded copy
+        shutil.copy(aligned, train / copy_rel)
         truth["copies"].append([rel, copy_rel])
-        if folder != Path(rel).parent.as_posix():
+        if Path(copy_rel).parent != Path(rel).parent:
             truth["misfiled"].append(copy_rel)  # a copy filed under someone else is misfiled too
     (args.out / "truth.json").write_text(json.dumps(truth, indent=1))
 

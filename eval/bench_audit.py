@@ -1,0 +1,160 @@
+"""Time and peak memory of ``facepipe audit`` on synthetic MS1M-shaped embeddings, and how both grow with size.
+
+Each size runs in a fresh child process (peak RSS is per process): it writes a synthetic embedding folder in
+facepipe's store format (identities of 20–200 images around random centres, 2 % of the images misfiled, 1 % of
+the identities split, 0.5 % near-copies; 512-d, float32 shards of 500k rows) and then times
+``load_embedding_folder`` + ``audit`` and reports the peak RSS, flags found against the injected truth, and
+the neighbour searches' recall.
+
+    python eval/bench_audit.py --sizes 500000,1000000,2000000 --workdir /tmp/bench_audit
+
+Goal (issue 13): MS1M size (5.8 M images, 85 k identities) in ≤ 30 min and ≤ 8 GB on 2 cores, linear growth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+DIM = 512
+SHARD = 500_000
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def write_synthetic(folder: Path, n_images: int, seed: int = 0) -> dict:
+    """A facepipe embedding folder with identity structure and injected faults; returns the truth counts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from facepipe.embedding.store import MANIFEST_SCHEMA
+
+    rng = np.random.default_rng(seed)
+    sizes = []
+    while sum(sizes) < n_images:
+        sizes.append(int(rng.integers(20, 201)))
+    sizes[-1] -= sum(sizes) - n_images
+    n_ids = len(sizes)
+    identity = np.repeat(np.arange(n_ids), sizes)
+    labels = identity.copy()
+    misfiled = rng.choice(n_images, n_images // 50, replace=False)
+    labels[misfiled] = (identity[misfiled] + 1 + rng.integers(0, n_ids - 1, len(misfiled))) % n_ids
+    names = [f"id{i:06d}" for i in range(n_ids)]
+    split = rng.choice(n_ids, max(1, n_ids // 100), replace=False)
+    names += [f"id{i:06d}_alt" for i in split]
+    alt = {int(i): n_ids + j for j, i in enumerate(split)}
+    for i, new in alt.items():
+        rows = np.flatnonzero(labels == i)
+        labels[rows[1::2]] = new
+    copies = rng.choice(n_images, n_images // 200, replace=False)
+    shards = folder / "shards"
+    shards.mkdir(parents=True)
+    centres = rng.standard_normal((n_ids, DIM)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    copy_of = np.full(n_images, -1)
+    is_copy = np.zeros(n_images, dtype=bool)
+    is_copy[copies] = True
+    copy_of[copies] = rng.choice(np.flatnonzero(~is_copy), len(copies))  # each copy reproduces another image
+    rows_total = 0
+    for shard, start in enumerate(range(0, n_images, SHARD)):
+        stop = min(n_images, start + SHARD)
+        x = centres[identity[start:stop]] + 0.045 * rng.standard_normal((stop - start, DIM)).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        np.save(shards / f"emb-{shard:06d}.npy", x)
+        paths = [f"{names[labels[i]]}/{i:08d}.jpg" for i in range(start, stop)]
+        table = pa.table(
+            {
+                "index": np.arange(start, stop, dtype=np.int64),
+                "shard": np.full(stop - start, shard, np.int32),
+                "row": np.arange(stop - start, dtype=np.int32),
+                "path": paths,
+                "identity": [p.rsplit("/", 1)[0] for p in paths],
+                "norm": np.ones(stop - start, np.float32),
+                "det_score": np.full(stop - start, np.nan, np.float32),
+                "status": ["ok"] * (stop - start),
+                "reason": [""] * (stop - start),
+            },
+            schema=MANIFEST_SCHEMA,
+        )
+        pq.write_table(table, shards / f"emb-{shard:06d}.parquet")
+        rows_total += stop - start
+    # near-copies: overwrite rows after the fact (needs the source rows: second pass over shards in memory)
+    for shard_path in sorted(shards.glob("emb-*.npy")):
+        matrix = np.load(shard_path)
+        shard = int(shard_path.stem.split("-")[1])
+        start = shard * SHARD
+        for target in copies[(copies >= start) & (copies < start + len(matrix))]:
+            source = int(copy_of[target])
+            src_matrix = matrix if start <= source < start + len(matrix) else np.load(shards / f"emb-{source // SHARD:06d}.npy", mmap_mode="r")
+            v = np.asarray(src_matrix[source - (source // SHARD) * SHARD]) + 0.01 * rng.standard_normal(DIM).astype(np.float32)
+            matrix[target - start] = v / np.linalg.norm(v)
+        np.save(shard_path, matrix)
+    parts = [pq.read_table(p) for p in sorted(shards.glob("emb-*.parquet"))]
+    pq.write_table(pa.concat_tables(parts), folder / "manifest.parquet")
+    (folder / "run.json").write_text(json.dumps({"model": "synthetic", "weights": None, "flip": True, "embedding_size": DIM}))
+    return {"images": n_images, "identities": n_ids + len(split), "misfiled": int(len(misfiled)), "split": int(len(split)), "copies": int(len(copies))}
+
+
+def child(folder: Path) -> None:
+    from facepipe.audit.data import load_embedding_folder
+    from facepipe.audit.run import audit
+
+    started = time.perf_counter()
+    data = load_embedding_folder(folder)
+    loaded = time.perf_counter() - started
+    result = audit(data)
+    seconds = time.perf_counter() - started
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    print(json.dumps({"seconds": round(seconds, 1), "load_seconds": round(loaded, 1), "peak_rss_gb": round(peak_gb, 2),
+                      "flagged": result.summary["flagged"], "search": result.summary["search"]}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="500000,1000000,2000000")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench_audit"))
+    parser.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        child(args.child)
+        return
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores")
+    print("| images | identities | audit time (s) | of which load (s) | peak RSS (GB) | flagged noise / split / copies (true) | image-image search, recall |")
+    print("|---|---|---|---|---|---|---|")
+    for size in (int(s) for s in args.sizes.split(",")):
+        folder = args.workdir / f"n{size}"
+        shutil.rmtree(folder, ignore_errors=True)
+        truth = write_synthetic(folder, size)
+        out = subprocess.run([sys.executable, __file__, "--child", str(folder)], capture_output=True, text=True, check=True)
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        f = result["flagged"]
+        search = result["search"]["image_to_image"]
+        print(
+            f"| {size:,} | {truth['identities']:,} | {result['seconds']} | {result['load_seconds']} | {result['peak_rss_gb']} | "
+            f"{f['label_noise']} / {f['duplicate_identities']} / {f['near_duplicates']} "
+            f"({truth['misfiled']} / {truth['split']} / {truth['copies']}) | {search['method']}, {search['recall']:.3f} |",
+            flush=True,
+        )
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
