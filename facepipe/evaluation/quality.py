@@ -13,7 +13,10 @@ error-versus-reject curve (EVRC) measures exactly that, on a verification protoc
   a near-ideal that no real measure should beat by much) and *random* rejection (the mean over seeds: what a
   measure that knows nothing does);
 * **area**: the area under each curve over ``r`` in ``[0, max_reject]`` (trapezoidal), divided by
-  ``max_reject``: the mean FNMR over the rejection range; lower is better.
+  ``max_reject``: the mean FNMR over the rejection range; lower is better;
+* **too few pairs**: where fewer than ``max(10, 1 %)`` of the mated pairs are left, FNMR is not defined (NaN:
+  a handful of pairs gives 0 or 1 by chance — on CFP-FP, where every pair holds a profile face, a measure that
+  rejects profiles first runs out of pairs at a third of the faces); the area then covers the defined part.
 
 Per-face measures (higher = better quality, so the lowest are rejected first):
 
@@ -143,16 +146,25 @@ def reject_curve(
     mated = np.asarray(issame, dtype=bool)
     failed = mated & ~(np.asarray(scores, dtype=np.float64) > threshold)
     n_faces = len(quality)
+    enough = max(10, int(np.ceil(0.01 * np.sum(mated))))
     fnmr, kept = [], []
     for fraction in fractions:
         rejected = int(np.floor(fraction * n_faces + 1e-9))
         keep = pair_rank >= rejected
         mated_kept = int(np.sum(keep & mated))
         kept.append(int(np.sum(keep)))
-        fnmr.append(float(np.sum(keep & failed) / mated_kept) if mated_kept else 0.0)
-    span = float(fractions[-1] - fractions[0])
-    area = float(np.trapezoid(fnmr, fractions) / span) if span > 0 else float(fnmr[0])
-    return RejectCurve(name, [float(f) for f in fractions], fnmr, kept, area)
+        fnmr.append(float(np.sum(keep & failed) / mated_kept) if mated_kept >= min(enough, int(np.sum(mated))) else float("nan"))
+    return RejectCurve(name, [float(f) for f in fractions], fnmr, kept, curve_area(fractions, np.array(fnmr)))
+
+
+def curve_area(fractions: np.ndarray, fnmr: np.ndarray) -> float:
+    """Mean FNMR over the defined (finite) prefix of the curve."""
+    defined = np.isfinite(fnmr)
+    last = int(np.argmin(defined)) if not defined.all() else len(fnmr)
+    if last <= 1:
+        return float(fnmr[0]) if last == 1 else float("nan")
+    span = float(fractions[last - 1] - fractions[0])
+    return float(np.trapezoid(fnmr[:last], fractions[:last]) / span)
 
 
 def oracle_quality(n_faces: int, pair_faces: np.ndarray, scores: np.ndarray, issame: np.ndarray, threshold: float) -> np.ndarray:
@@ -180,7 +192,7 @@ class QualityReport:
 
     def ranking(self) -> list[tuple[str, float]]:
         """Measures by area under the EVRC (best first), oracle and random included."""
-        return sorted(((c.name, c.area) for c in self.curves), key=lambda item: item[1])
+        return sorted(((c.name, c.area) for c in self.curves), key=lambda item: (np.isnan(item[1]), item[1]))
 
     def to_dict(self) -> dict:
         return {
@@ -226,10 +238,7 @@ def error_versus_reject(
     rng = np.random.default_rng(0)
     randoms = [reject_curve("random", rng.random(n_faces), pair_faces, scores, issame, threshold, fractions) for _ in range(random_seeds)]
     mean_fnmr = np.mean([c.fnmr for c in randoms], axis=0)
-    span = float(fractions[-1] - fractions[0])
-    curves.append(
-        RejectCurve("random", [float(f) for f in fractions], mean_fnmr.tolist(), randoms[0].pairs_kept, float(np.trapezoid(mean_fnmr, fractions) / span))
-    )
+    curves.append(RejectCurve("random", [float(f) for f in fractions], mean_fnmr.tolist(), randoms[0].pairs_kept, curve_area(fractions, mean_fnmr)))
     baseline = float(np.mean(~(scores[issame] > threshold)))
     return QualityReport(fmr, threshold, baseline, curves)
 
