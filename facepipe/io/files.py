@@ -121,3 +121,14 @@ def os_path_of(printable: str) -> str:
     if "\\x" not in printable or os.path.lexists(printable):
         return printable
     return os.fsdecode(_ESCAPED_BYTE.sub(lambda m: bytes([int(m.group(1), 16)]), printable.encode("utf-8")))
+
+
+def read_text_bounded(path: str | os.PathLike, max_bytes: int) -> str:
+    """A UTF-8 text file read with ``read_file_bounded``; bytes that are not UTF-8 raise ``FileReadError``
+    naming the line (a byte-order mark is dropped)."""
+    data = read_file_bounded(path, max_bytes)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise FileReadError(f"line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x})") from None
