@@ -14,7 +14,7 @@ from typing import Protocol
 
 from facepipe.io.files import GiB, FileReadError, os_path_of, printable_path, read_file_bounded
 from facepipe.io.images import ImageDecodeError, read_image_bytes, scan_images
-from facepipe.io.recordio import RecordIOReader
+from facepipe.io.recordio import RecordIOError, RecordIOReader
 
 
 def identity_of(rel_path: str) -> str:
@@ -138,21 +138,35 @@ class RecordIOSource:
     def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None) -> None:
         try:
             self.reader = RecordIOReader(rec_path, idx_path)
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, RecordIOError) as exc:
             raise SourceError(str(exc)) from None
         self.description = str(rec_path)
 
     def items(self) -> list[Item]:
+        """One item per image record. A record whose header cannot be read (bad label, damaged bytes) is still
+        an item, named ``unreadable/<key>.jpg``: reading it raises the reason, so the run records an error row."""
+        try:
+            keys = self.reader.image_keys()
+        except RecordIOError as exc:
+            raise SourceError(f"{self.reader.rec_path}: header record: {exc}") from None
         items = []
-        for index, key in enumerate(self.reader.image_keys()):
-            header, _ = self.reader.read_image_record(key)
+        for index, key in enumerate(keys):
+            source = f"{self.reader.rec_path}#{key}"
+            try:
+                header, _ = self.reader.read_image_record(key)
+            except RecordIOError:
+                items.append(Item(index, f"unreadable/{key}.jpg", source))
+                continue
             label = int(header.label[0])
-            items.append(Item(index, f"{label}/{key}.jpg", f"{self.reader.rec_path}#{key}", label))
+            items.append(Item(index, f"{label}/{key}.jpg", source, label))
         return items
 
     def read(self, item: Item) -> bytes:
         key = int(item.source.rsplit("#", 1)[1])
-        return self.reader.read_image_record(key)[1]
+        try:
+            return self.reader.read_image_record(key)[1]
+        except RecordIOError as exc:
+            raise ImageDecodeError(f"record {key}: {exc}") from None
 
 
 def open_source(input_path: str | os.PathLike, root: str | os.PathLike | None = None) -> Source:
