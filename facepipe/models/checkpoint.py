@@ -118,18 +118,18 @@ def load_onnx_model_checked(path: str | os.PathLike):
     try:
         check_regular_file(path)
     except FileReadError as exc:
-        raise CheckpointError(f"ONNX file {path}: {exc}") from None
+        raise CheckpointError(f"cannot read ONNX file {path}: {exc}") from None
     try:
         model = onnx.load(str(path))
     except Exception as exc:  # protobuf DecodeError, onnx errors, OSError: not an ONNX file
-        raise CheckpointError(f"{path} is not a readable ONNX model ({_first_line(exc)})") from None
+        raise CheckpointError(f"cannot read ONNX file {path}: not an ONNX model ({_first_line(exc)})") from None
     graph = model.graph
     if not graph.node or not graph.input or not graph.output:
-        raise CheckpointError(f"{path} is not a readable ONNX model (no graph: nodes, inputs or outputs missing)")
+        raise CheckpointError(f"cannot read ONNX file {path}: no graph (nodes, inputs or outputs missing)")
     try:
         onnx.checker.check_model(model)
     except Exception as exc:  # onnx.checker.ValidationError and friends
-        raise CheckpointError(f"{path} is not a valid ONNX model ({_first_line(exc)})") from None
+        raise CheckpointError(f"cannot read ONNX file {path}: invalid model ({_first_line(exc)})") from None
     return model
 
 
