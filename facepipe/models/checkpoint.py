@@ -29,9 +29,15 @@ class CheckpointError(ValueError):
 
 def read_state_dict(path: str | os.PathLike) -> StateDict:
     """Read a torch checkpoint with ``weights_only=True`` and return a flat tensor dict on CPU."""
+    from facepipe.io.files import FileReadError, check_regular_file
+
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file() and not os.path.lexists(path):
         raise CheckpointError(f"weights file not found: {path}")
+    try:
+        check_regular_file(path)  # torch.load would block on a FIFO
+    except FileReadError as exc:
+        raise CheckpointError(f"cannot read weights file {path}: {exc}") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files

@@ -50,3 +50,9 @@ def test_garbage_onnx_gives_one_line_everywhere(tmp_path, garbage_onnx):
     os.mkfifo(tmp_path / "fifo.onnx")
     with pytest.raises(CheckpointError, match="FIFO"):
         load_onnx_model_checked(tmp_path / "fifo.onnx")
+
+
+def test_fifo_weights_file_is_refused(tmp_path):
+    os.mkfifo(tmp_path / "w.pth")
+    with pytest.raises(CheckpointError, match="cannot read weights file .*FIFO"):
+        load_weights(Tiny(), tmp_path / "w.pth")
