@@ -56,3 +56,13 @@ def test_fifo_weights_file_is_refused(tmp_path):
     os.mkfifo(tmp_path / "w.pth")
     with pytest.raises(CheckpointError, match="cannot read weights file .*FIFO"):
         load_weights(Tiny(), tmp_path / "w.pth")
+
+
+def test_int32_cast_retinaface_weights_are_refused(tmp_path):
+    from facepipe.models.retinaface import retinaface_mnet025
+    from facepipe.weights import bundled
+
+    state = torch.load(bundled("retinaface_mobilenet0.25.pth"), map_location="cpu", weights_only=True)
+    torch.save({k: v.to(torch.int32) if v.is_floating_point() else v for k, v in state.items()}, tmp_path / "int.pth")
+    with pytest.raises(CheckpointError, match="wrong-dtype keys"):
+        retinaface_mnet025(weights=tmp_path / "int.pth")

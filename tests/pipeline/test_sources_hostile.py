@@ -91,3 +91,17 @@ def test_unreadable_folder_becomes_an_error_item(tmp_path):
         os.chmod(tmp_path / "locked", 0o755)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines() == ["alice/a.png ok", "locked error: cannot list folder: Permission denied"]
+
+
+def test_file_list_with_non_utf8_paths(tmp_path):
+    from facepipe.pipeline.sources import file_list_source
+
+    data = _png(tmp_path / "a.png")
+    raw = os.fsencode(str(tmp_path)) + b"/c\xe9.png"
+    with open(raw, "wb") as f:
+        f.write(data)
+    (tmp_path / "list.txt").write_bytes(b"a.png\nc\xe9.png\n")
+    source = file_list_source(tmp_path / "list.txt")
+    items = source.items()
+    assert [i.key for i in items] == ["a.png", "c\\xe9.png"]
+    assert source.read(items[1]) == data
