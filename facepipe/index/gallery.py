@@ -261,6 +261,22 @@ def _write_atomic(path: Path, write) -> None:
         write(tmp)
 
 
+def _read_index_bounded(faiss: Any, path: Path, size: int) -> Any:
+    """``faiss.read_index`` with FAISS's per-vector allocation limit lowered to what the file can hold: FAISS
+    allocates a vector before reading it, so a damaged header declaring billions of codes would otherwise
+    allocate (up to 1 TiB by default) instead of failing."""
+    get_limit = getattr(faiss, "get_deserialization_vector_byte_limit", None)
+    if get_limit is None:
+        return faiss.read_index(str(path))
+    previous = get_limit()
+    # FAISS compares element count with limit / (4 * element size): a vector may then take at most limit / 4 bytes.
+    faiss.set_deserialization_vector_byte_limit(min(previous, 4 * (size + MiB)))
+    try:
+        return faiss.read_index(str(path))
+    finally:
+        faiss.set_deserialization_vector_byte_limit(previous)
+
+
 class Gallery:
     """A built gallery opened for search."""
 
@@ -272,8 +288,7 @@ class Gallery:
             if not os.path.lexists(needed):  # other non-files are refused with their kind below
                 raise GalleryError(f"gallery file missing: {needed} (build it with `facepipe index build`)")
         try:  # regular files only: faiss and pyarrow would block on a FIFO
-            check_regular_file(self.path)
-            self.index = faiss.read_index(str(self.path))
+            self.index = _read_index_bounded(faiss, self.path, check_regular_file(self.path).st_size)
         except Exception as exc:  # FileReadError, or faiss's RuntimeError on a damaged or foreign file
             raise GalleryError(f"{self.path}: not a readable FAISS index ({_first_line(exc)})") from None
         try:

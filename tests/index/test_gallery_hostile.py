@@ -58,3 +58,35 @@ def test_mapping_without_columns_and_fifo_index(built, tmp_path):
         Gallery(path)
     (tmp_path / "ok").mkdir()
     assert Gallery(_copy(built, tmp_path / "ok")).index.ntotal == 40
+
+
+_CHILD = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))  # a refused allocation, never an OOM kill
+from facepipe.index import Gallery, GalleryError
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    Gallery(sys.argv[1])
+except GalleryError as exc:
+    print(exc)
+print("grew_mb", (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_index_header_declaring_huge_vectors_is_refused_without_allocating(built, tmp_path):
+    import struct
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = _copy(built, tmp_path)
+    data = bytearray(path.read_bytes())
+    count = struct.pack("<Q", 40 * 16)  # IndexFlat: the float vector of 40 x 16-d codes
+    at = data.index(count)
+    data[at : at + 8] = struct.pack("<Q", 1 << 28)  # 1 GiB of floats declared in a 3 KB file
+    path.write_bytes(bytes(data))
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(path)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(repo)})
+    assert "not a readable FAISS index" in out.stdout, out.stdout + out.stderr
+    assert int(out.stdout.split("grew_mb")[1]) < 100  # FAISS would zero-fill the declared 1 GiB before reading
