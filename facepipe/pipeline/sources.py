@@ -143,22 +143,27 @@ class RecordIOSource:
         self.description = str(rec_path)
 
     def items(self) -> list[Item]:
-        """One item per image record. A record whose header cannot be read (bad label, damaged bytes) is still
-        an item, named ``unreadable/<key>.jpg``: reading it raises the reason, so the run records an error row."""
+        """One item per image record. A record whose header cannot be read (a NaN label, damaged bytes) is still
+        an item, so the run records an ``error`` row for it (``read`` raises the reason); it is filed under the
+        label of the record before it (after it, for the first), which keeps labels the source's own and
+        identities contiguous, as a RecordIO output needs."""
         try:
             keys = self.reader.image_keys()
         except RecordIOError as exc:
             raise SourceError(f"{self.reader.rec_path}: header record: {exc}") from None
-        items = []
-        for index, key in enumerate(keys):
-            source = f"{self.reader.rec_path}#{key}"
+        labels: list[int | None] = []
+        for key in keys:
             try:
-                header, _ = self.reader.read_image_record(key)
+                labels.append(int(self.reader.read_image_record(key)[0].label[0]))
             except RecordIOError:
-                items.append(Item(index, f"unreadable/{key}.jpg", source))
-                continue
-            label = int(header.label[0])
-            items.append(Item(index, f"{label}/{key}.jpg", source, label))
+                labels.append(None)
+        known = [label for label in labels if label is not None]
+        previous = known[0] if known else 0
+        items = []
+        for index, (key, label) in enumerate(zip(keys, labels)):
+            label = previous if label is None else label
+            previous = label
+            items.append(Item(index, f"{label}/{key}.jpg", f"{self.reader.rec_path}#{key}", label))
         return items
 
     def read(self, item: Item) -> bytes:

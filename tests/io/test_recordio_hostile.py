@@ -1,10 +1,12 @@
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 
 from facepipe.io.images import ImageDecodeError
 from facepipe.io.recordio import InsightfaceDatasetWriter, RecordHeader, RecordIOError, RecordIOReader, RecordIOWriter
 from facepipe.pipeline.sources import SourceError, open_source
+from tests.conftest import shared_path
 
 PNG = cv2.imencode(".png", np.full((4, 4, 3), 9, np.uint8))[1].tobytes()
 
@@ -20,12 +22,28 @@ def _dataset(path, labels):
 def test_non_finite_labels_become_error_rows_and_reading_goes_on(tmp_path, label):
     source = open_source(_dataset(tmp_path / "train.rec", [3.0, label, 4.0]))
     items = source.items()
-    assert [(i.key, i.label) for i in items] == [("3/1.jpg", 3), ("unreadable/2.jpg", -1), ("4/3.jpg", 4)]
+    assert [(i.key, i.label) for i in items] == [("3/1.jpg", 3), ("3/2.jpg", 3), ("4/3.jpg", 4)]
     assert source.read(items[0]) == PNG and source.read(items[2]) == PNG
     with pytest.raises(ImageDecodeError, match="record 2: record label .* is not a finite number"):
         source.read(items[1])
     with pytest.raises(RecordIOError, match="not a finite number"):
         RecordIOReader(tmp_path / "train.rec").read_image_record(2)
+
+
+def test_align_records_the_bad_record_and_keeps_the_source_labels(tmp_path):
+    from facepipe.pipeline.align import AlignConfig, run_align
+
+    rec = tmp_path / "train.rec"
+    jpeg = shared_path("cfp", "cfp-dataset", "Data", "Images", "001", "frontal", "01.jpg").read_bytes()
+    with RecordIOWriter(rec) as writer:
+        for key, label in enumerate([7.0, float("nan"), 9.0], start=1):
+            writer.write_image(key, RecordHeader((label,), key, 0), jpeg)
+    run_align(AlignConfig(), open_source(rec), tmp_path / "out", sink_kind="recordio", workers=0, progress=False)
+    manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet").sort_values("index")
+    assert manifest["status"].tolist() == ["ok", "error", "ok"], manifest[["status", "reason"]]
+    assert "not a finite number" in manifest["reason"].iloc[1]
+    labels = [int(RecordIOReader(tmp_path / "out" / "train.rec").read_image_record(k)[0].label[0]) for k in (1, 2)]
+    assert labels == [7, 9]
 
 
 def test_non_finite_header_record_is_one_error(tmp_path):
