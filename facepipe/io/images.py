@@ -80,7 +80,7 @@ def read_header(data: bytes | np.ndarray) -> ImageHeader:
                 # segments such as an EXIF thumbnail by their length), so the stream position is in that scan.
                 scan_offset = stream.tell() if fmt == "JPEG" else None
     except Exception:  # Pillow raises UnidentifiedImageError, SyntaxError, struct.error... for bad headers
-        raise ImageDecodeError("not a decodable image (no image header recognized: corrupt or unsupported format)") from None
+        raise ImageDecodeError("not a decodable image (corrupt, truncated or unsupported format)") from None
     if width < 1 or height < 1:
         raise ImageDecodeError(f"degenerate image size {width}x{height}")
     return ImageHeader(int(width), int(height), fmt, scan_offset)

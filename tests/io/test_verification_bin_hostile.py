@@ -36,10 +36,10 @@ def _huge_declared_length() -> bytes:
 def test_hostile_pickles_are_refused_in_one_line_within_a_second(tmp_path, payload, reason):
     path = tmp_path / "hostile.bin"
     path.write_bytes(payload)
-    start = time.perf_counter()
+    start = time.process_time()
     with pytest.raises(VerificationBinError, match=reason) as info:
         read_bin(path)
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0  # CPU time: the shared test machine may be busy
     message = str(info.value)
     assert "\n" not in message and str(path) in message
 
