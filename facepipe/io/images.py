@@ -2,6 +2,11 @@
 
 Output contract: ``(H, W, 3)`` uint8 BGR, EXIF orientation applied. Grayscale is expanded to three
 channels, 16-bit is scaled to 8-bit, alpha is dropped, CMYK JPEGs are converted by the decoder.
+
+Budgets, for every loader: files are read with ``read_file_bounded`` (regular files only, ``MAX_IMAGE_BYTES``),
+and an image whose header declares more than ``max_pixels`` (``DEFAULT_MAX_PIXELS``) is refused before it is
+decoded. The header is read by Pillow (no hand-written parser: what Pillow reports is what its decoders, and
+libjpeg in OpenCV, will decode).
 """
 
 from __future__ import annotations
