@@ -105,3 +105,25 @@ def test_file_list_with_non_utf8_paths(tmp_path):
     items = source.items()
     assert [i.key for i in items] == ["a.png", "c\\xe9.png"]
     assert source.read(items[1]) == data
+
+
+def test_align_keeps_going_past_non_utf8_names_and_fifos(tmp_path):
+    from facepipe.pipeline.align import AlignConfig, run_align
+    from facepipe.pipeline.manifest import read_manifest
+    from tests.conftest import shared_path
+
+    face = shared_path("cfp", "cfp-dataset", "Data", "Images", "001", "frontal", "01.jpg").read_bytes()
+    src = tmp_path / "in"
+    (src / "alice").mkdir(parents=True)
+    (src / "alice" / "a.jpg").write_bytes(face)
+    with open(os.fsencode(str(src / "alice")) + b"/b\xff.jpg", "wb") as f:
+        f.write(face)
+    os.mkfifo(src / "alice" / "y.jpg")
+    run_align(AlignConfig(), directory_source(src), tmp_path / "out", workers=0, progress=False)
+    rows = {row.key: (row.status, row.reason) for row in read_manifest(tmp_path / "out" / "manifest.parquet")}
+    assert rows == {
+        "alice/a.jpg": ("ok", ""),
+        "alice/b\\xff.jpg": ("ok", ""),
+        "alice/y.jpg": ("error", "not a regular file: a FIFO (named pipe)"),
+    }
+    assert (tmp_path / "out" / "alice" / "b\\xff.jpg").is_file()
