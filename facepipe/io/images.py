@@ -19,7 +19,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 from facepipe.io.files import MiB, FileReadError, read_file_bounded
 
@@ -75,15 +75,18 @@ def read_header(data: bytes | np.ndarray) -> ImageHeader:
     """
     buffer = _as_buffer(data)
     stream = io.BytesIO(memoryview(buffer))
+    jpeg = _is_jpeg(buffer)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(stream) as im:
+            # JPEGs through the JPEG plugin itself: Image.open would turn a JPEG carrying a multi-picture (MPF)
+            # segment, as many phone photos do, into an MPO image and seek elsewhere in the file.
+            with JpegImagePlugin.JpegImageFile(stream) if jpeg else Image.open(stream) as im:
                 width, height = im.size
-                fmt = im.format or "?"
-                # Pillow stops parsing a JPEG at the first start-of-scan of the main image (after skipping APPn
+                fmt = "JPEG" if jpeg else (im.format or "?")
+                # The JPEG plugin stops parsing at the first start-of-scan of the main image (after skipping APPn
                 # segments such as an EXIF thumbnail by their length), so the stream position is in that scan.
-                scan_offset = stream.tell() if fmt == "JPEG" else None
+                scan_offset = stream.tell() if jpeg else None
     except Exception:  # Pillow raises UnidentifiedImageError, SyntaxError, struct.error... for bad headers
         raise ImageDecodeError("not a decodable image (corrupt, truncated or unsupported format)") from None
     if width < 1 or height < 1:
@@ -145,6 +148,10 @@ def read_image(
     """Read and decode one image file within the byte and pixel budgets; raises ``ImageDecodeError`` with a
     human-readable reason."""
     return decode_image(read_image_bytes(path, max_bytes), max_pixels=max_pixels)
+
+
+def _is_jpeg(buffer: np.ndarray) -> bool:
+    return len(buffer) >= 3 and buffer[:3].tobytes() == b"\xff\xd8\xff"
 
 
 def _as_buffer(data: bytes | np.ndarray) -> np.ndarray:

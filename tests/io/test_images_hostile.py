@@ -109,3 +109,21 @@ def test_fifo_named_like_an_image_is_an_error_not_a_hang(tmp_path):
     (tmp_path / "big.jpg").write_bytes(_jpeg())
     with pytest.raises(ImageDecodeError, match="file too large"):
         read_image(tmp_path / "big.jpg", max_bytes=100)
+
+
+def test_jpeg_with_multi_picture_segment_is_a_jpeg():
+    """Phone photos often carry an MPF segment (Pillow calls them MPO): they must be checked and decoded
+    reduced like any JPEG."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    noise = np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8)
+    out = BytesIO()
+    Image.fromarray(noise).save(out, "MPO", save_all=True, append_images=[Image.new("RGB", (300, 200))])
+    data = out.getvalue()
+    assert decode_image(data).shape == (200, 300, 3)
+    reduced, scale = decode_image_bounded(data, 20_000)
+    assert reduced.shape == (100, 150, 3) and scale == (2.0, 2.0)
+    with pytest.raises(ImageDecodeError, match="truncated JPEG"):
+        decode_image(data[: len(data) // 3])
