@@ -24,7 +24,7 @@ model_option = click.option(
     help="Embedding model. 'mobilefacenet' uses the bundled weights; 'onnx' needs --weights FILE.onnx.",
 )
 device_option = click.option(
-    "--device", type=str, default="cpu", show_default=True, help="cpu, cuda or cuda:N.",
+    "--device", type=str, default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.",
 )
 threads_option = click.option(
     "--threads", type=int, default=None, help="CPU threads for torch/onnxruntime (default: all cores).",
