@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import click
 import torch
@@ -23,16 +24,29 @@ model_option = click.option(
     help="Embedding model. 'mobilefacenet' uses the bundled weights; 'onnx' needs --weights FILE.onnx.",
 )
 device_option = click.option(
-    "--device", type=str, default="cpu", show_default=True, help="cpu, cuda or cuda:N.",
+    "--device", type=str, default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.",
 )
 threads_option = click.option(
     "--threads", type=int, default=None, help="CPU threads for torch/onnxruntime (default: all cores).",
 )
 
 
+_DEVICE_PATTERN = re.compile(r"cpu|mps|cuda(:\d+)?")
+
+
 def resolve_device(device: str) -> str:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise click.UsageError(f"--device {device} requested but CUDA is not available on this machine")
+    """Check ``--device`` (cpu, cuda, cuda:N or mps) against this machine; a bad value is one usage error."""
+    device = device.strip().lower()
+    if not _DEVICE_PATTERN.fullmatch(device):
+        raise click.UsageError(f"--device {device!r} is not a device: use cpu, cuda, cuda:N or mps")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise click.UsageError(f"--device {device} requested but CUDA is not available on this machine")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise click.UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise click.UsageError("--device mps requested but MPS is not available on this machine")
     return device
 
 

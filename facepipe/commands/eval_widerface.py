@@ -19,6 +19,7 @@ from facepipe.commands.common import (
 from facepipe.commands.detect import InputImage, build_detector, detect_batch, detector_options, iter_loaded_batches
 from facepipe.evaluation import widerface as wider
 from facepipe.io.atomic import atomic_write_text
+from facepipe.io.files import FileReadError, read_text_bounded
 from facepipe.io.images import list_images
 
 # Settings of the reference evaluation run (Pytorch_Retinaface test_widerface.py): every box above 0.02 is
@@ -31,6 +32,16 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
+def _read_run_info(path: Path) -> dict:
+    try:
+        info = json.loads(read_text_bounded(path, 1 << 20))
+    except (FileReadError, ValueError) as exc:
+        raise click.ClickException(f"{path}: not a readable run description ({exc}); delete it or use another --predictions folder") from None
+    if not isinstance(info, dict):
+        raise click.ClickException(f"{path}: not a readable run description (not a JSON object)")
+    return info
+
+
 def _check_run_info(prediction_dir: Path, run_info: dict) -> None:
     """Refuse to mix predictions of different detector settings (or of unknown origin) in one folder."""
     path = prediction_dir / RUN_INFO_FILE
@@ -40,7 +51,7 @@ def _check_run_info(prediction_dir: Path, run_info: dict) -> None:
             "complete them, or use another --predictions folder"
         )
     if path.is_file():
-        previous = json.loads(path.read_text())
+        previous = _read_run_info(path)
         if previous != run_info:
             raise click.UsageError(
                 f"{prediction_dir} holds predictions made with {previous}, not {run_info}; "
@@ -130,7 +141,7 @@ def widerface(
         elif sources:
             click.echo(f"all {len(sources)} prediction files exist in {folder}: evaluating them", err=True)
         info_path = folder / RUN_INFO_FILE
-        made_with = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        made_with = _read_run_info(info_path) if info_path.is_file() else {}
         try:
             predictions = wider.read_predictions(folder)
             result = wider.evaluate(predictions, ground_truth, images=keys)

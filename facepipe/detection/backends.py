@@ -22,6 +22,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from facepipe.models.checkpoint import CheckpointError, load_onnx_model_checked
 from facepipe.models.retinaface import RetinaFace, fold_batchnorm
 
 NetworkOutputs = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -105,8 +106,10 @@ class OnnxRuntimeBackend:
             import onnxruntime as ort
         except ImportError as exc:
             raise ImportError("the onnxruntime backend needs onnxruntime: pip install facepipe[onnx]") from exc
-        if isinstance(model, (str, os.PathLike)) and not Path(model).is_file():
-            raise FileNotFoundError(f"ONNX model not found: {model}")
+        if isinstance(model, (str, os.PathLike)):
+            if not os.path.lexists(model):
+                raise FileNotFoundError(f"ONNX model not found: {model}")
+            model = load_onnx_model_checked(model).SerializeToString()  # garbage files: one CheckpointError line
         options = ort.SessionOptions()
         # Default to torch's thread setting so one knob (--threads / torch.set_num_threads) controls both.
         options.intra_op_num_threads = intra_op_threads or torch.get_num_threads()
@@ -121,8 +124,11 @@ class OnnxRuntimeBackend:
                 )
             device_id = int(device.split(":")[1]) if ":" in device else 0
             providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
-        source = model if isinstance(model, bytes) else str(model)
-        self.session = ort.InferenceSession(source, options, providers=providers)
+        try:
+            self.session = ort.InferenceSession(model, options, providers=providers)
+        except Exception as exc:  # onnxruntime's Fail / InvalidGraph / NotImplemented on a model it cannot run
+            text = str(exc).strip()
+            raise CheckpointError(f"onnxruntime cannot load this model ({text.splitlines()[0] if text else exc!r})") from None
         inputs = self.session.get_inputs()
         if len(inputs) != 1 or len(self.session.get_outputs()) != 3:
             raise ValueError("expected a RetinaFace ONNX graph with 1 input and 3 outputs (loc, conf, landmarks)")

@@ -16,11 +16,14 @@ LFW ``pairs.txt``: a header ``n_sets n_per_set`` (or ``n`` for one set, as ``pai
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from facepipe.io.files import MiB, FileReadError, read_text_bounded
 
 CFP_PROTOCOLS = ("FF", "FP")
 
@@ -93,18 +96,32 @@ def _build(rows: list[tuple[Path, Path, bool, int]]) -> PairList:
     )
 
 
+MAX_PROTOCOL_BYTES = 256 * MiB  # LFW pairs.txt is 130 KB
+
+
 def _read_lines(path: Path) -> list[str]:
+    """Non-blank lines; blank lines are dropped, so error messages count only non-blank lines."""
     try:
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    except FileNotFoundError:
-        raise ProtocolError(f"protocol file not found: {path}") from None
+        text = read_text_bounded(path, MAX_PROTOCOL_BYTES)
+    except FileReadError as exc:
+        if str(exc) == "file not found":
+            raise ProtocolError(f"protocol file not found: {path}") from None
+        raise ProtocolError(f"{path}: {exc}") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+_NUMBER = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() accepts '²', which int() refuses
+
+
+def _is_number(text: str) -> bool:
+    return _NUMBER.fullmatch(text) is not None
 
 
 def _read_cfp_image_list(path: Path) -> dict[int, Path]:
     images: dict[int, Path] = {}
     for number, line in enumerate(_read_lines(path), 1):
         parts = line.split()
-        if len(parts) != 2 or not parts[0].isdigit():
+        if len(parts) != 2 or not _is_number(parts[0]):
             raise ProtocolError(f"{path}:{number}: expected 'N relative/path.jpg', got {line!r}")
         images[int(parts[0])] = (path.parent / parts[1]).resolve()
     return images
@@ -114,7 +131,7 @@ def _read_cfp_number_pairs(path: Path) -> list[tuple[int, int]]:
     pairs = []
     for number, line in enumerate(_read_lines(path), 1):
         parts = line.replace(",", " ").split()
-        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        if len(parts) != 2 or not all(_is_number(p) for p in parts):
             raise ProtocolError(f"{path}:{number}: expected 'a,b', got {line!r}")
         pairs.append((int(parts[0]), int(parts[1])))
     return pairs
@@ -137,7 +154,8 @@ def read_cfp_pairs(root: str | os.PathLike, protocol: str) -> PairList:
     protocol_dir = cfp_protocol_root(root)
     frontal = _read_cfp_image_list(protocol_dir / "Pair_list_F.txt")
     second = frontal if protocol == "FF" else _read_cfp_image_list(protocol_dir / "Pair_list_P.txt")
-    split_dirs = sorted(d for d in (protocol_dir / "Split" / protocol).iterdir() if d.is_dir() and d.name.isdigit())
+    splits = protocol_dir / "Split" / protocol
+    split_dirs = sorted(d for d in splits.iterdir() if d.is_dir() and _is_number(d.name)) if splits.is_dir() else []
     if not split_dirs:
         raise ProtocolError(f"{protocol_dir / 'Split' / protocol}: no split folders")
     rows: list[tuple[Path, Path, bool, int]] = []
@@ -164,7 +182,7 @@ def read_lfw_pairs(pairs_file: str | os.PathLike, root: str | os.PathLike, ext: 
     if not lines:
         raise ProtocolError(f"{pairs_file}: empty")
     header = lines[0].split()
-    if not 1 <= len(header) <= 2 or not all(h.isdigit() for h in header):
+    if not 1 <= len(header) <= 2 or not all(_is_number(h) for h in header):
         raise ProtocolError(f"{pairs_file}:1: expected a header 'n_sets n_per_set' or 'n', got {lines[0]!r}")
     n_sets, per_set = (1, int(header[0])) if len(header) == 1 else (int(header[0]), int(header[1]))
     expected = 1 + n_sets * 2 * per_set
@@ -176,13 +194,13 @@ def read_lfw_pairs(pairs_file: str | os.PathLike, root: str | os.PathLike, ext: 
         same, diff = [], []
         for _ in range(per_set):
             parts = lines[cursor].split()
-            if len(parts) != 3 or not (parts[1].isdigit() and parts[2].isdigit()):
+            if len(parts) != 3 or not (_is_number(parts[1]) and _is_number(parts[2])):
                 raise ProtocolError(f"{pairs_file}:{cursor + 1}: expected a same pair 'name i j', got {lines[cursor]!r}")
             same.append((lfw_image_path(root, parts[0], int(parts[1]), ext), lfw_image_path(root, parts[0], int(parts[2]), ext)))
             cursor += 1
         for _ in range(per_set):
             parts = lines[cursor].split()
-            if len(parts) != 4 or not (parts[1].isdigit() and parts[3].isdigit()):
+            if len(parts) != 4 or not (_is_number(parts[1]) and _is_number(parts[3])):
                 raise ProtocolError(
                     f"{pairs_file}:{cursor + 1}: expected a different pair 'name1 i name2 j', got {lines[cursor]!r}"
                 )

@@ -20,6 +20,8 @@ its ``.mat`` lists filtered to the subset. The upstream ``rstrip('.jpg')`` name 
 
 from __future__ import annotations
 
+import io
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +30,14 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from facepipe.io.atomic import atomic_path, atomic_write_text
+from facepipe.io.files import MiB, FileReadError, read_file_bounded, read_text_bounded
 from facepipe.types import Face
 
 SETTINGS = ("easy", "medium", "hard")
 NUM_THRESHOLDS = 1000
 IOU_THRESHOLD = 0.5
+MAX_MAT_BYTES = 256 * MiB  # wider_face_val.mat is 400 KB
+MAX_PREDICTION_BYTES = 64 * MiB  # one image's boxes
 
 
 class WiderFormatError(ValueError):
@@ -109,6 +114,11 @@ class WiderResult:
         return "\n".join(lines)
 
 
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
 def _json_float(value: float) -> float | None:
     return None if np.isnan(value) else float(value)
 
@@ -123,24 +133,32 @@ def load_ground_truth(gt_dir: str | os.PathLike) -> WiderGroundTruth:
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
         raise WiderFormatError(f"WIDER ground truth file(s) missing: {', '.join(missing)}")
-    try:
-        face_mat = loadmat(paths["all"])
-        setting_lists = {s: loadmat(paths[s])["gt_list"] for s in SETTINGS}
-        event_list, file_list, box_list = face_mat["event_list"], face_mat["file_list"], face_mat["face_bbx_list"]
-    except (KeyError, ValueError, OSError) as exc:
-        raise WiderFormatError(f"cannot read WIDER ground truth in {gt_dir}: {exc}") from None
+    def read_mat(path: Path) -> dict:
+        try:  # read through the bounded reader: a FIFO or device named .mat must not hang loadmat
+            return loadmat(io.BytesIO(read_file_bounded(path, MAX_MAT_BYTES)))
+        except Exception as exc:  # FileReadError, scipy's MatReadError, ValueError, OSError...: damaged file
+            raise WiderFormatError(f"{path}: not a readable MATLAB file ({_reason(exc)})") from None
 
+    face_mat = read_mat(paths["all"])
+    setting_mats = {s: read_mat(paths[s]) for s in SETTINGS}
     images = []
-    for e in range(len(event_list)):
-        event = str(event_list[e][0][0])
-        files, boxes = file_list[e][0], box_list[e][0]
-        for j in range(len(files)):
-            gt_boxes = np.asarray(boxes[j][0], dtype=np.float64).reshape(-1, 4)
-            counted = {}
-            for s in SETTINGS:
-                one_based = np.asarray(setting_lists[s][e][0][j][0], dtype=np.int64).reshape(-1)
-                counted[s] = one_based - 1
-            images.append(WiderImage(event, str(files[j][0][0]), gt_boxes, counted))
+    try:
+        setting_lists = {s: setting_mats[s]["gt_list"] for s in SETTINGS}
+        event_list, file_list, box_list = face_mat["event_list"], face_mat["file_list"], face_mat["face_bbx_list"]
+        for e in range(len(event_list)):
+            event = str(event_list[e][0][0])
+            files, boxes = file_list[e][0], box_list[e][0]
+            for j in range(len(files)):
+                gt_boxes = np.asarray(boxes[j][0], dtype=np.float64).reshape(-1, 4)
+                if not np.isfinite(gt_boxes).all():
+                    raise ValueError(f"non-finite box in {event}/{files[j][0][0]}")
+                counted = {}
+                for s in SETTINGS:
+                    one_based = np.asarray(setting_lists[s][e][0][j][0], dtype=np.int64).reshape(-1)
+                    counted[s] = one_based - 1
+                images.append(WiderImage(event, str(files[j][0][0]), gt_boxes, counted))
+    except (KeyError, ValueError, IndexError, TypeError) as exc:  # a .mat of another layout
+        raise WiderFormatError(f"{gt_dir}: not the WIDER FACE val ground truth ({_reason(exc)})") from None
     return WiderGroundTruth(tuple(images))
 
 
@@ -181,7 +199,10 @@ def write_prediction_file(path: str | os.PathLike, rows: np.ndarray) -> None:
 def read_prediction_file(path: str | os.PathLike) -> tuple[str, np.ndarray]:
     """``(name, rows)`` of one prediction file; ``name`` has no directory and no image extension."""
     path = Path(path)
-    text = path.read_text()
+    try:
+        text = read_text_bounded(path, MAX_PREDICTION_BYTES)
+    except FileReadError as exc:
+        raise WiderFormatError(f"{path}: {exc}") from None
     lines = text.splitlines()
     if len(lines) < 2:
         raise WiderFormatError(f"{path}: expected a name line and a count line")
@@ -205,6 +226,8 @@ def read_prediction_file(path: str | os.PathLike) -> tuple[str, np.ndarray]:
             raise WiderFormatError(f"{path}:{number}: not numbers: {line!r}") from None
         if len(values) != 5:
             raise WiderFormatError(f"{path}:{number}: expected 'x y w h score', got {line!r}")
+        if not all(math.isfinite(v) for v in values):
+            raise WiderFormatError(f"{path}:{number}: NaN or infinite value: {line!r}")
         rows.append(values)
     if len(rows) != count:
         raise WiderFormatError(f"{path}: count line says {count} boxes but {len(rows)} rows follow (truncated file?)")

@@ -25,6 +25,7 @@ import pandas as pd
 
 from facepipe.embedding.store import EmbeddingStoreError, iter_shards, read_manifest
 from facepipe.io.atomic import atomic_path, atomic_write_text
+from facepipe.io.files import MiB, check_regular_file, read_file_bounded
 
 INDEX_TYPES = ("flat", "hnsw", "ivfflat", "ivfpq")
 MAPPING_COLUMNS = ["id", "path", "identity", "source", "norm", "det_score"]
@@ -32,6 +33,11 @@ MAPPING_COLUMNS = ["id", "path", "identity", "source", "norm", "det_score"]
 
 class GalleryError(RuntimeError):
     """The gallery or its inputs are missing or inconsistent."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _faiss():
@@ -255,6 +261,22 @@ def _write_atomic(path: Path, write) -> None:
         write(tmp)
 
 
+def _read_index_bounded(faiss: Any, path: Path, size: int) -> Any:
+    """``faiss.read_index`` with FAISS's per-vector allocation limit lowered to what the file can hold: FAISS
+    allocates a vector before reading it, so a damaged header declaring billions of codes would otherwise
+    allocate (up to 1 TiB by default) instead of failing."""
+    get_limit = getattr(faiss, "get_deserialization_vector_byte_limit", None)
+    if get_limit is None:
+        return faiss.read_index(str(path))
+    previous = get_limit()
+    # FAISS compares element count with limit / (4 * element size): a vector may then take at most limit / 4 bytes.
+    faiss.set_deserialization_vector_byte_limit(min(previous, 4 * (size + MiB)))
+    try:
+        return faiss.read_index(str(path))
+    finally:
+        faiss.set_deserialization_vector_byte_limit(previous)
+
+
 class Gallery:
     """A built gallery opened for search."""
 
@@ -263,11 +285,25 @@ class Gallery:
         self.path = Path(path)
         mapping_path, info_path = _sidecars(self.path)
         for needed in (self.path, mapping_path, info_path):
-            if not needed.is_file():
+            if not os.path.lexists(needed):  # other non-files are refused with their kind below
                 raise GalleryError(f"gallery file missing: {needed} (build it with `facepipe index build`)")
-        self.index = faiss.read_index(str(self.path))
-        self.mapping = pd.read_parquet(mapping_path).set_index("id", drop=False)
-        self.info = GalleryInfo.from_json(info_path.read_text())
+        try:  # regular files only: faiss and pyarrow would block on a FIFO
+            self.index = _read_index_bounded(faiss, self.path, check_regular_file(self.path).st_size)
+        except Exception as exc:  # FileReadError, or faiss's RuntimeError on a damaged or foreign file
+            raise GalleryError(f"{self.path}: not a readable FAISS index ({_first_line(exc)})") from None
+        try:
+            check_regular_file(mapping_path)
+            self.mapping = pd.read_parquet(mapping_path)
+            missing = set(MAPPING_COLUMNS) - set(self.mapping.columns)
+            if missing:
+                raise ValueError(f"missing columns {sorted(missing)}")
+            self.mapping = self.mapping.set_index("id", drop=False)
+        except Exception as exc:  # FileReadError, pyarrow's ArrowInvalid, KeyError: damaged or foreign file
+            raise GalleryError(f"{mapping_path}: not a readable gallery mapping ({_first_line(exc)})") from None
+        try:
+            self.info = GalleryInfo.from_json(read_file_bounded(info_path, 64 * MiB).decode("utf-8"))
+        except Exception as exc:  # FileReadError, UnicodeDecodeError, JSONDecodeError, missing or unknown fields
+            raise GalleryError(f"{info_path}: not a readable gallery description ({_first_line(exc)})") from None
         if self.index.ntotal != len(self.mapping):
             raise GalleryError(f"{self.path}: index holds {self.index.ntotal} vectors, mapping {len(self.mapping)} rows")
 

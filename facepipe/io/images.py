@@ -2,17 +2,39 @@
 
 Output contract: ``(H, W, 3)`` uint8 BGR, EXIF orientation applied. Grayscale is expanded to three
 channels, 16-bit is scaled to 8-bit, alpha is dropped, CMYK JPEGs are converted by the decoder.
+
+Budgets, for every loader: files are read with ``read_file_bounded`` (regular files only, ``MAX_IMAGE_BYTES``),
+and an image whose header declares more than ``max_pixels`` (``DEFAULT_MAX_PIXELS``) is refused before it is
+decoded. The header is read by Pillow (no hand-written parser: what Pillow reports is what its decoders, and
+libjpeg in OpenCV, will decode).
 """
 
 from __future__ import annotations
 
+import io
 import os
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image, JpegImagePlugin
+
+from facepipe.io.files import MiB, FileReadError, read_file_bounded
+
+# facepipe applies its own pixel budget (below), measured from the same header, before anything is decoded; Pillow
+# only reads headers and EXIF here, and its decompression-bomb refusal would hide the real size of a large JPEG
+# that ``decode_image_bounded`` can decode reduced.
+Image.MAX_IMAGE_PIXELS = None
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+
+
+# One pixel budget for every image loader: 50 MP (e.g. 8660x5773) decodes to 150 MB of BGR; align's --max-pixels.
+DEFAULT_MAX_PIXELS = 50_000_000
+# Byte cap on an encoded image: far above any real photo (a 50 MP uncompressed TIFF is 150 MB).
+MAX_IMAGE_BYTES = 512 * MiB
 
 
 class ImageDecodeError(ValueError):
@@ -23,34 +45,75 @@ def is_image_path(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def read_image_bytes(path: str | os.PathLike) -> bytes:
-    path = Path(path)
-    if path.is_symlink() and not path.exists():
-        raise ImageDecodeError("broken symbolic link")
+def read_image_bytes(path: str | os.PathLike, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    """The bytes of one image file, read with ``read_file_bounded`` (regular files only, at most ``max_bytes``)."""
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ImageDecodeError("file not found") from None
-    except PermissionError:
-        raise ImageDecodeError("permission denied") from None
-    except IsADirectoryError:
-        raise ImageDecodeError("is a directory") from None
-    except OSError as exc:
-        raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from None
-    return data
+        return read_file_bounded(path, max_bytes)
+    except FileReadError as exc:
+        raise ImageDecodeError(str(exc)) from None
 
 
-def decode_image(data: bytes | np.ndarray, max_pixels: int | None = None) -> np.ndarray:
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the decoder library tells from a file's header alone, before any pixel is decoded."""
+
+    width: int
+    height: int
+    format: str  # Pillow's format name: "JPEG", "PNG", ...
+    scan_offset: int | None = None  # JPEG: a byte offset inside the main image's first scan
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def read_header(data: bytes | np.ndarray) -> ImageHeader:
+    """Width, height and format from the header, through Pillow's lazy ``Image.open`` (it parses headers the way
+    the decoders do, e.g. it skips junk bytes before a JPEG frame marker as libjpeg does); no pixel is decoded.
+
+    Raises ``ImageDecodeError`` when no decoder recognizes the header.
+    """
+    buffer = _as_buffer(data)
+    stream = io.BytesIO(memoryview(buffer))
+    jpeg = _is_jpeg(buffer)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # JPEGs through the JPEG plugin itself: Image.open would turn a JPEG carrying a multi-picture (MPF)
+            # segment, as many phone photos do, into an MPO image and seek elsewhere in the file.
+            with JpegImagePlugin.JpegImageFile(stream) if jpeg else Image.open(stream) as im:
+                width, height = im.size
+                fmt = "JPEG" if jpeg else (im.format or "?")
+                # The JPEG plugin stops parsing at the first start-of-scan of the main image (after skipping APPn
+                # segments such as an EXIF thumbnail by their length), so the stream position is in that scan.
+                scan_offset = stream.tell() if jpeg else None
+    except Exception:  # Pillow raises UnidentifiedImageError, SyntaxError, struct.error... for bad headers
+        raise ImageDecodeError("not a decodable image (corrupt, truncated or unsupported format)") from None
+    if width < 1 or height < 1:
+        raise ImageDecodeError(f"degenerate image size {width}x{height}")
+    return ImageHeader(int(width), int(height), fmt, scan_offset)
+
+
+def image_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
+    """``(width, height)`` from the file header without decoding pixels; None when it cannot be told."""
+    try:
+        header = read_header(data)
+    except ImageDecodeError:
+        return None
+    return header.width, header.height
+
+
+def decode_image(data: bytes | np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode encoded image bytes to the facepipe image contract (see module docstring).
 
-    With ``max_pixels``, an image whose header declares more pixels is refused *before* it is decoded, so a
+    An image whose header declares more than ``max_pixels`` pixels is refused *before* it is decoded, so a
     20000x20000 file never allocates its 1.2 GB. ``decode_image_bounded`` decodes such JPEGs at reduced size instead.
     """
     buffer = _as_buffer(data)
-    if max_pixels is not None:
-        size = image_size(buffer)
-        if size is not None and size[0] * size[1] > max_pixels:
-            raise ImageDecodeError(f"image too large: {size[0]}x{size[1]} > {max_pixels} pixels")
+    header = read_header(buffer)
+    if header.pixels > max_pixels:
+        raise ImageDecodeError(f"image too large: {header.width}x{header.height} > {max_pixels} pixels")
+    _check_jpeg_complete(buffer, header)
     return _decode_full(buffer, max_pixels)
 
 
@@ -61,18 +124,16 @@ def decode_image_bounded(data: bytes | np.ndarray, max_pixels: int) -> tuple[np.
     Returns the image and ``(sx, sy)``, the factors that map its coordinates back to the full-size image.
     """
     buffer = _as_buffer(data)
-    size = image_size(buffer)
-    if size is None or size[0] * size[1] <= max_pixels:
+    header = read_header(buffer)
+    _check_jpeg_complete(buffer, header)
+    if header.pixels <= max_pixels:
         return _decode_full(buffer, max_pixels), (1.0, 1.0)
-    width, height = size
-    if not _is_jpeg(buffer):
+    width, height = header.width, header.height
+    if header.format != "JPEG":
         raise ImageDecodeError(f"image too large: {width}x{height} > {max_pixels} pixels (only JPEGs are decoded reduced)")
-    _check_jpeg_complete(buffer)
     for factor, flag in ((2, cv2.IMREAD_REDUCED_COLOR_2), (4, cv2.IMREAD_REDUCED_COLOR_4), (8, cv2.IMREAD_REDUCED_COLOR_8)):
         if -(-width // factor) * -(-height // factor) <= max_pixels:
-            image = cv2.imdecode(buffer, flag | cv2.IMREAD_IGNORE_ORIENTATION)
-            if image is None:
-                raise ImageDecodeError("not a decodable image (corrupt, truncated or unsupported format)")
+            image = _imdecode(buffer, flag | cv2.IMREAD_IGNORE_ORIENTATION)
             scale = (width / image.shape[1], height / image.shape[0])
             rotated = _apply_exif_orientation(buffer, image)
             if rotated.shape[:2] != image.shape[:2] or (rotated is not image and exif_orientation(buffer) >= 5):
@@ -81,9 +142,16 @@ def decode_image_bounded(data: bytes | np.ndarray, max_pixels: int) -> tuple[np.
     raise ImageDecodeError(f"image too large: {width}x{height} is over {max_pixels} pixels even at 1/8 size")
 
 
-def read_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
-    """Read and decode one image file; raises ``ImageDecodeError`` with a human-readable reason."""
-    return decode_image(read_image_bytes(path), max_pixels=max_pixels)
+def read_image(
+    path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = MAX_IMAGE_BYTES
+) -> np.ndarray:
+    """Read and decode one image file within the byte and pixel budgets; raises ``ImageDecodeError`` with a
+    human-readable reason."""
+    return decode_image(read_image_bytes(path, max_bytes), max_pixels=max_pixels)
+
+
+def _is_jpeg(buffer: np.ndarray) -> bool:
+    return len(buffer) >= 3 and buffer[:3].tobytes() == b"\xff\xd8\xff"
 
 
 def _as_buffer(data: bytes | np.ndarray) -> np.ndarray:
@@ -94,89 +162,37 @@ def _as_buffer(data: bytes | np.ndarray) -> np.ndarray:
     return data
 
 
-def _check_jpeg_complete(buffer: np.ndarray) -> None:
+def _check_jpeg_complete(buffer: np.ndarray, header: ImageHeader) -> None:
     # libjpeg decodes a truncated file "successfully", filling the missing rows with grey: refuse it instead.
-    if _is_jpeg(buffer):
-        tail = buffer[-4096:].tobytes().rstrip(b"\x00")
-        if b"\xff\xd9" not in tail:
+    # Entropy-coded data never contains FF D9 (0xFF is stuffed), so the main image is complete iff an end-of-image
+    # marker follows its first scan; bytes after that marker (camera trailers, appended data) do not matter.
+    if header.format == "JPEG" and header.scan_offset is not None:
+        if buffer[header.scan_offset :].tobytes().find(b"\xff\xd9") < 0:
             raise ImageDecodeError("truncated JPEG (no end-of-image marker)")
 
 
-def _decode_full(buffer: np.ndarray, max_pixels: int | None) -> np.ndarray:
-    _check_jpeg_complete(buffer)
-    # IMREAD_UNCHANGED keeps 16-bit depth so it can be scaled rather than truncated; IMREAD_ANYCOLOR alone
-    # would skip EXIF orientation, so orientation is applied by a second decode of the header only when present.
-    image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH)
+def _imdecode(buffer: np.ndarray, flags: int) -> np.ndarray:
+    try:
+        image = cv2.imdecode(buffer, flags)
+    except cv2.error as exc:  # e.g. OpenCV's own pixel-count assertion on a header it reads differently
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "decoder error"
+        raise ImageDecodeError(f"not a decodable image ({reason})") from None
     if image is None:
         raise ImageDecodeError("not a decodable image (corrupt, truncated or unsupported format)")
+    return image
+
+
+def _decode_full(buffer: np.ndarray, max_pixels: int) -> np.ndarray:
+    # IMREAD_UNCHANGED keeps 16-bit depth so it can be scaled rather than truncated; IMREAD_ANYCOLOR alone
+    # would skip EXIF orientation, so orientation is applied by a second decode of the header only when present.
+    image = _imdecode(buffer, cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH)
     image = _to_bgr_uint8(image)
     image = _apply_exif_orientation(buffer, image)
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise ImageDecodeError(f"degenerate image size {image.shape[1]}x{image.shape[0]}")
-    if max_pixels is not None and image.shape[0] * image.shape[1] > max_pixels:
+    if image.shape[0] * image.shape[1] > max_pixels:
         raise ImageDecodeError(f"image too large: {image.shape[1]}x{image.shape[0]} > {max_pixels} pixels")
     return np.ascontiguousarray(image)
-
-
-def _is_jpeg(buffer: np.ndarray) -> bool:
-    return len(buffer) >= 3 and buffer[:3].tobytes() == b"\xff\xd8\xff"
-
-
-# JPEG start-of-frame markers (baseline, progressive, lossless...; not DHT 0xC4, JPG 0xC8, DAC 0xCC).
-_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
-
-
-def image_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
-    """``(width, height)`` from the file header without decoding pixels; None when it cannot be told.
-
-    JPEG and PNG headers are parsed directly; other formats through Pillow's lazy open.
-    """
-    head = bytes(data[:32]) if isinstance(data, (bytes, bytearray, memoryview)) else data[:32].tobytes()
-    if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 24:
-        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
-    raw = data if isinstance(data, (bytes, bytearray, memoryview)) else data.tobytes()
-    if raw[:2] == b"\xff\xd8":
-        return _jpeg_size(bytes(raw))
-    import io
-    import warnings
-
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(bytes(raw))) as im:
-                return im.size
-    except Image.DecompressionBombError as exc:  # Pillow refuses very large images at open time
-        import re
-
-        found = re.search(r"\((\d+) pixels", str(exc))
-        return (int(found.group(1)), 1) if found else None
-    except Exception:
-        return None
-
-
-def _jpeg_size(raw: bytes) -> tuple[int, int] | None:
-    pos = 2
-    while pos + 4 <= len(raw):
-        if raw[pos] != 0xFF:
-            return None
-        marker = raw[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
-            pos += 2
-            continue
-        length = int.from_bytes(raw[pos + 2 : pos + 4], "big")
-        if marker in _SOF_MARKERS and pos + 9 <= len(raw):
-            height = int.from_bytes(raw[pos + 5 : pos + 7], "big")
-            width = int.from_bytes(raw[pos + 7 : pos + 9], "big")
-            return width, height
-        if marker == 0xDA:  # start of scan before any frame header
-            return None
-        pos += 2 + length
-    return None
 
 
 def _to_bgr_uint8(image: np.ndarray) -> np.ndarray:
@@ -203,10 +219,6 @@ _EXIF_ORIENTATION_TAG = 0x0112
 
 def exif_orientation(buffer: np.ndarray) -> int:
     """EXIF orientation (1..8) of an encoded image, 1 when absent or invalid."""
-    from PIL import Image  # local import: only needed for files that carry EXIF
-
-    import io
-
     try:
         with Image.open(io.BytesIO(buffer.tobytes())) as im:
             value = im.getexif().get(_EXIF_ORIENTATION_TAG, 1)
@@ -235,15 +247,60 @@ def _apply_exif_orientation(buffer: np.ndarray, image: np.ndarray) -> np.ndarray
     return transforms[orientation](image)
 
 
-def list_images(root: str | os.PathLike) -> list[Path]:
-    """All image files under ``root`` (recursively), sorted, symlinks included (broken ones too)."""
+@dataclass
+class ImageScan:
+    """What walking an input folder found: image files (sorted) and the folders that could not be listed, with
+    the reason, so that their images are reported rather than silently missing."""
+
+    images: list[Path]
+    unlisted: dict[Path, str]
+
+
+def scan_images(root: str | os.PathLike) -> ImageScan:
+    """Walk ``root`` for image files.
+
+    Symbolic links are followed, to folders (identity folders often are links into another tree) and to files
+    (broken ones are listed so that reading them reports it); a link back to a folder being walked (a loop) is
+    not entered again, since that folder's images are listed already. File names that are not UTF-8 are kept
+    (see ``printable_path`` for naming them). Only names are listed here: nothing is opened, so FIFOs and
+    devices with image suffixes are listed and refused when read.
+    """
     root = Path(root)
-    if root.is_file() or (root.is_symlink() and not root.exists()):
-        return [root]
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames.sort()
-        for name in filenames:
-            if is_image_path(name):
-                found.append(Path(dirpath) / name)
-    return sorted(found)
+    if not root.is_dir():
+        return ImageScan([root] if os.path.lexists(root) else [], {})
+    images: list[Path] = []
+    unlisted: dict[Path, str] = {}
+    top = os.stat(root)
+    stack: list[tuple[Path, frozenset[tuple[int, int]]]] = [(root, frozenset({(top.st_dev, top.st_ino)}))]
+    while stack:
+        folder, ancestors = stack.pop()
+        try:
+            with os.scandir(folder) as scan:
+                entries = sorted(scan, key=lambda e: e.name)
+        except OSError as exc:
+            unlisted[folder] = f"cannot list folder: {exc.strerror or exc}"
+            continue
+        subfolders = []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()  # follows symlinks; False for broken links
+                info = entry.stat() if is_dir else None
+            except OSError as exc:
+                unlisted[Path(entry.path)] = f"cannot open folder: {exc.strerror or exc}"
+                continue
+            if info is not None:
+                identity = (info.st_dev, info.st_ino)
+                if identity not in ancestors:
+                    subfolders.append((Path(entry.path), ancestors | {identity}))
+            elif is_image_path(entry.name):
+                images.append(Path(entry.path))
+        stack.extend(reversed(subfolders))
+    return ImageScan(sorted(images), unlisted)
+
+
+def list_images(root: str | os.PathLike) -> list[Path]:
+    """All image files under ``root`` (see ``scan_images``), sorted, plus every folder that could not be listed:
+    reading such an entry raises ``ImageDecodeError`` saying so, so callers record an error instead of losing
+    the folder's images silently."""
+    scan = scan_images(root)
+    return sorted([*scan.images, *scan.unlisted])

@@ -15,7 +15,9 @@ How insightface ships MS1M / Glint360K / WebFace. The format (REFERENCE.md, "Dat
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +25,16 @@ from typing import BinaryIO, Iterable, Iterator
 
 import numpy as np
 
+from facepipe.io.files import GiB, FileReadError, read_file_bounded
+
 RECORDIO_MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", RECORDIO_MAGIC)
 _LENGTH_MASK = (1 << 29) - 1
 _HEADER = struct.Struct("<IfQQ")
+
+
+MAX_INDEX_BYTES = 4 * GiB
+_DECIMAL = re.compile(r"[0-9]+")
 
 
 class RecordIOError(ValueError):
@@ -63,6 +71,8 @@ def unpack_record(record: bytes) -> tuple[RecordHeader, bytes]:
         offset = end
     else:
         labels = (float(label),)
+    if not all(math.isfinite(v) for v in labels):
+        raise RecordIOError(f"record label {labels[0] if len(labels) == 1 else labels} is not a finite number")
     return RecordHeader(labels, id1, id2), record[offset:]
 
 
@@ -134,18 +144,27 @@ def read_record_at(stream: BinaryIO, offset: int | None = None) -> bytes | None:
             raise RecordIOError(f"invalid continuation flag {flag}")
 
 
-def read_index(idx_path: str | os.PathLike) -> dict[int, int]:
-    """``key -> byte offset`` from a ``.idx`` file."""
+def read_index(idx_path: str | os.PathLike, rec_size: int | None = None) -> dict[int, int]:
+    """``key -> byte offset`` from a ``.idx`` file; with ``rec_size``, offsets outside the ``.rec`` are refused
+    (naming the line), so a damaged index fails when opened rather than as a seek error mid-run."""
     index: dict[int, int] = {}
-    with open(idx_path, encoding="ascii") as f:
-        for line_no, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            fields = line.split("\t")
-            if len(fields) != 2:
-                raise RecordIOError(f"{idx_path}:{line_no}: expected 'key<TAB>offset', got {line!r}")
-            index[int(fields[0])] = int(fields[1])
+    try:
+        text = read_file_bounded(idx_path, MAX_INDEX_BYTES).decode("ascii")
+    except FileReadError as exc:
+        raise RecordIOError(f"{idx_path}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise RecordIOError(f"{idx_path}: not an ASCII index (byte at offset {exc.start})") from None
+    for line_no, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        fields = line.split("\t")
+        if len(fields) != 2 or not all(_DECIMAL.fullmatch(f) for f in fields):
+            raise RecordIOError(f"{idx_path}:{line_no}: expected 'key<TAB>offset' (non-negative integers), got {line!r}")
+        key, offset = int(fields[0]), int(fields[1])
+        if rec_size is not None and offset >= rec_size:
+            raise RecordIOError(f"{idx_path}:{line_no}: offset {offset} is past the end of the .rec ({rec_size} bytes)")
+        index[key] = offset
     return index
 
 
@@ -159,7 +178,7 @@ class RecordIOReader:
             raise FileNotFoundError(f"RecordIO file not found: {self.rec_path}")
         if not self.idx_path.is_file():
             raise FileNotFoundError(f"RecordIO index not found: {self.idx_path} (the .idx next to the .rec)")
-        self.index = read_index(self.idx_path)
+        self.index = read_index(self.idx_path, self.rec_path.stat().st_size)
         self._stream: BinaryIO | None = None
 
     def __getstate__(self) -> dict:

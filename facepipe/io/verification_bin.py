@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import pickletools
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,10 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
+from facepipe.io.files import GiB, FileReadError, read_file_bounded
 from facepipe.io.images import ImageDecodeError, decode_image
+
+MAX_BIN_BYTES = 8 * GiB  # the released files are 50-450 MB
 
 
 class VerificationBinError(ValueError):
@@ -86,7 +90,10 @@ def _array_from_bytes(data: Any, dtype: np.dtype, shape: Any, fortran: bool = Fa
     if not isinstance(data, (bytes, bytearray)):
         raise UnsafePickleError(f"numpy array data must be bytes, got {type(data).__name__}")
     shape = tuple(int(s) for s in (shape if isinstance(shape, (tuple, list)) else (shape,)))
-    if any(s < 0 for s in shape) or int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != len(data):
+    count = 1
+    for s in shape:  # Python integers: a product of huge dimensions cannot wrap around to match the byte count
+        count *= s
+    if any(s < 0 for s in shape) or count * dtype.itemsize != len(data):
         raise UnsafePickleError(f"numpy array shape {shape} does not match {len(data)} bytes of {dtype}")
     return np.frombuffer(bytes(data), dtype=dtype).reshape(shape, order="F" if fortran else "C").copy()
 
@@ -175,29 +182,71 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise UnsafePickleError("persistent ids are not allowed in a verification .bin")
 
 
-def _materialize(value: Any) -> Any:
-    """Replace array stand-ins by their arrays (lists and tuples only: nothing else can come out)."""
-    if isinstance(value, _ArrayStandIn):
-        if value.array is None:
-            raise UnsafePickleError("numpy array without state")
-        return value.array
-    if isinstance(value, _DTypeStandIn):
-        raise UnsafePickleError("unexpected bare numpy dtype")
-    if isinstance(value, list):
-        return [_materialize(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_materialize(v) for v in value)
-    return value
+# Limits on what a .bin may expand to, so a hostile pickle is refused at once instead of exhausting time or
+# memory. An honest file is (list of bytes, list of bools): depth 3 (numpy arrays add none: they are leaves), and
+# every element and every byte of it is written out in the file, so its expansion is bounded by the file size;
+# shared references (the pickle memo) are what lets a small file describe an exponentially large tree.
+MAX_DEPTH = 16
+EXPANSION_FACTOR = 4  # elements and bytes may reach this multiple of the file size (an image repeated by reference)
+
+
+def _check_opcodes(data: bytes) -> None:
+    """Walk the opcodes without executing them: a declared length beyond the end of the file (a 70 GiB
+    ``BINBYTES8`` in an 8 MB file, which the C unpickler would allocate before reading) fails here."""
+    try:
+        for _ in pickletools.genops(data):
+            pass
+    except (ValueError, EOFError) as exc:
+        raise VerificationBinError(f"not a readable pickle: {exc}") from None
+
+
+def _materialize(value: Any, size: int) -> Any:
+    """Replace array stand-ins by their arrays (lists and tuples only: nothing else can come out), walking the
+    tree with limits on depth, element count and total bytes (``EXPANSION_FACTOR`` times the file ``size``)."""
+    budget = EXPANSION_FACTOR * size + 1024
+    elements = 0
+    total_bytes = 0
+
+    def walk(node: Any, depth: int) -> Any:
+        nonlocal elements, total_bytes
+        if depth > MAX_DEPTH:
+            raise UnsafePickleError(f"nesting deeper than {MAX_DEPTH} levels (a verification .bin has 3)")
+        elements += 1
+        if elements > budget:
+            raise UnsafePickleError(f"expands to more than {budget} elements for a {size}-byte file (shared-reference bomb)")
+        if isinstance(node, (bytes, bytearray, str)):
+            total_bytes += len(node)
+            if total_bytes > budget:
+                raise UnsafePickleError(f"expands to more than {budget} bytes for a {size}-byte file")
+            return node
+        if isinstance(node, _ArrayStandIn):
+            if node.array is None:
+                raise UnsafePickleError("numpy array without state")
+            total_bytes += node.array.nbytes
+            return node.array
+        if isinstance(node, _DTypeStandIn):
+            raise UnsafePickleError("unexpected bare numpy dtype")
+        if isinstance(node, list):
+            return [walk(v, depth + 1) for v in node]
+        if isinstance(node, tuple):
+            return tuple(walk(v, depth + 1) for v in node)
+        return node
+
+    return walk(value, 1)
 
 
 def safe_loads(data: bytes) -> Any:
-    """Unpickle ``data`` with ``RestrictedUnpickler`` (``encoding='bytes'`` for Python 2 files)."""
+    """Unpickle ``data`` with ``RestrictedUnpickler`` (``encoding='bytes'`` for Python 2 files), refusing
+    declared lengths past the end of the data and expansions past the limits above."""
+    _check_opcodes(data)
     try:
-        return _materialize(RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load())
+        return _materialize(RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load(), len(data))
     except VerificationBinError:
         raise
     except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError, KeyError) as exc:
         raise VerificationBinError(f"not a readable pickle: {type(exc).__name__}: {exc}") from None
+    except (RecursionError, MemoryError, OverflowError) as exc:
+        raise VerificationBinError(f"refused: the pickle is too deep or too large ({type(exc).__name__})") from None
 
 
 @dataclass(frozen=True)
@@ -256,9 +305,9 @@ def read_bin(path: str | os.PathLike) -> VerificationBin:
     """Read a verification .bin without decoding its images."""
     path = Path(path)
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise VerificationBinError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        data = read_file_bounded(path, MAX_BIN_BYTES)
+    except FileReadError as exc:
+        raise VerificationBinError(f"{path}: cannot read: {exc}") from None
     return parse_bin(data, source=str(path))
 
 

@@ -29,9 +29,15 @@ class CheckpointError(ValueError):
 
 def read_state_dict(path: str | os.PathLike) -> StateDict:
     """Read a torch checkpoint with ``weights_only=True`` and return a flat tensor dict on CPU."""
+    from facepipe.io.files import FileReadError, check_regular_file
+
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file() and not os.path.lexists(path):
         raise CheckpointError(f"weights file not found: {path}")
+    try:
+        check_regular_file(path)  # torch.load would block on a FIFO
+    except FileReadError as exc:
+        raise CheckpointError(f"cannot read weights file {path}: {exc}") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
@@ -74,9 +80,16 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, torch.Tens
         for k in set(expected) & set(given)
         if tuple(given[k].shape) != tuple(expected[k].shape)
     )
-    if missing or unexpected or misshaped:
+    # load_state_dict would silently cast integer tensors into float parameters (int32-truncated weights load
+    # "fine" and detect thousands of garbage faces), so a floating parameter must come from a floating tensor.
+    mistyped = sorted(
+        f"{k}: checkpoint {given[k].dtype} vs model {expected[k].dtype}"
+        for k in set(expected) & set(given)
+        if expected[k].is_floating_point() and not given[k].is_floating_point()
+    )
+    if missing or unexpected or misshaped or mistyped:
         lines = [f"{source} does not match {type(model).__name__}:"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped), ("wrong-dtype", mistyped)):
             if keys:
                 shown = ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
                 lines.append(f"  {title} keys ({len(keys)}): {shown}")
@@ -95,6 +108,40 @@ def load_weights(
         state_dict = checkpoint_filter(state_dict, model)
     load_state_dict_strict(model, state_dict, source=str(path))
     return model
+
+
+def load_onnx_model_checked(path: str | os.PathLike):
+    """Read an ONNX file as an ``onnx.ModelProto``, or raise one ``CheckpointError`` line: the path must be a
+    regular file, parse as an ONNX model, have a graph with nodes, inputs and outputs, and pass
+    ``onnx.checker`` (random bytes named ``.onnx`` otherwise surface as protobuf or onnxruntime tracebacks)."""
+    try:
+        import onnx
+    except ImportError as exc:
+        raise CheckpointError("reading .onnx files needs the 'onnx' package: pip install facepipe[onnx]") from exc
+    from facepipe.io.files import FileReadError, check_regular_file
+
+    path = Path(path)
+    try:
+        check_regular_file(path)
+    except FileReadError as exc:
+        raise CheckpointError(f"cannot read ONNX file {path}: {exc}") from None
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf DecodeError, onnx errors, OSError: not an ONNX file
+        raise CheckpointError(f"cannot read ONNX file {path}: not an ONNX model ({_first_line(exc)})") from None
+    graph = model.graph
+    if not graph.node or not graph.input or not graph.output:
+        raise CheckpointError(f"cannot read ONNX file {path}: no graph (nodes, inputs or outputs missing)")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:  # onnx.checker.ValidationError and friends
+        raise CheckpointError(f"cannot read ONNX file {path}: invalid model ({_first_line(exc)})") from None
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -22,7 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facepipe.models.checkpoint import CheckpointError, StateDict, load_state_dict_strict, read_state_dict
+from facepipe.models.checkpoint import (
+    CheckpointError,
+    StateDict,
+    load_onnx_model_checked,
+    load_state_dict_strict,
+    read_state_dict,
+)
 from facepipe.models.registry import ModelConfig, register_model
 
 ANCHORS_PER_LOCATION = 2
@@ -409,10 +415,7 @@ def load_onnx_weights(model: RetinaFace, path: str | os.PathLike) -> RetinaFace:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
-    try:
-        graph = onnx.load(str(path)).graph
-    except Exception as exc:  # onnx raises DecodeError / ValidationError for bad files
-        raise CheckpointError(f"cannot read ONNX file {path}: {exc}") from exc
+    graph = load_onnx_model_checked(path).graph
     initializers = {t.name: t for t in graph.initializer}
     alias = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.input[0] in initializers}
 

@@ -12,15 +12,28 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
-from facepipe.io.images import list_images, read_image_bytes
-from facepipe.io.recordio import RecordIOReader
+from facepipe.io.files import GiB, FileReadError, os_path_of, printable_path, read_file_bounded
+from facepipe.io.images import ImageDecodeError, read_image_bytes, scan_images
+from facepipe.io.recordio import RecordIOError, RecordIOReader
+
+
+def identity_of(rel_path: str) -> str:
+    """The identity of an input named by its relative POSIX path: its whole parent path, '' at the top level.
+
+    ``set1/alice/01.jpg`` is identity ``set1/alice``, not ``alice``: two sets may both hold an ``alice`` who are
+    different people, and the parent path is what an aligned output tree mirrors. Every part of facepipe that
+    groups inputs by identity (align's labels, the embedding store) uses this one rule.
+    """
+    parent = str(PurePosixPath(rel_path).parent)
+    return "" if parent == "." else parent
 
 
 @dataclass(frozen=True)
 class Item:
     """One input. ``key`` is its relative POSIX path (what outputs mirror and landmark files name);
     ``source`` is what the manifest records (a file path, or ``train.rec#123``); ``label`` an identity
-    index when the source knows it (RecordIO), else -1."""
+    index when the source knows it (RecordIO), else -1. File names that are not UTF-8 appear in ``key`` and
+    ``source`` with ``\\xNN`` escapes (``facepipe.io.files.printable_path``), so manifests can hold them."""
 
     index: int
     key: str
@@ -29,16 +42,8 @@ class Item:
 
     @property
     def identity(self) -> str:
+        """The identity of the item: ``identity_of(key)``."""
         return identity_of(self.key)
-
-
-def identity_of(rel_path: str) -> str:
-    """The identity of an image or crop at ``rel_path`` (relative, POSIX): its whole parent folder path
-    (``set1/alice`` for ``set1/alice/001.jpg``; ``''`` at the top level). The whole path, not the last folder,
-    so that two folders of the same name under different parents stay two identities; align's labels, the
-    embedding manifest and galleries all use this one rule."""
-    parent = str(PurePosixPath(rel_path).parent)
-    return "" if parent == "." else parent
 
 
 class Source(Protocol):
@@ -49,25 +54,38 @@ class Source(Protocol):
     def read(self, item: Item) -> bytes: ...
 
 
+MAX_LIST_BYTES = 4 * GiB  # a list of 40 million paths
+
+
 class SourceError(ValueError):
     """A fatal configuration error about the input (missing, empty, unreadable list)."""
 
 
 class FileSource:
-    """Images on disk, named by their path relative to ``root``."""
+    """Images on disk, named by their path relative to ``root``.
 
-    def __init__(self, paths: list[Path], root: Path, description: str) -> None:
+    ``unlisted`` maps folders that could not be listed to the reason: each becomes an item whose ``read`` raises
+    that reason, so the run records an ``error`` row for it instead of losing its images silently. ``read``
+    reads only regular files, within ``read_image_bytes``'s byte cap: a FIFO or device named like an image
+    gives an error row, never a hang.
+    """
+
+    def __init__(self, paths: list[Path], root: Path, description: str, unlisted: dict[Path, str] | None = None) -> None:
         self.root = root
         self.description = description
-        self._paths = paths
+        self._paths = sorted([*paths, *(unlisted or {})]) if unlisted else paths
+        self.unlisted = {printable_path(path): reason for path, reason in (unlisted or {}).items()}
 
     def items(self) -> list[Item]:
         return [
-            Item(i, Path(os.path.relpath(path, self.root)).as_posix(), str(path)) for i, path in enumerate(self._paths)
+            Item(i, printable_path(Path(os.path.relpath(path, self.root)).as_posix()), printable_path(path))
+            for i, path in enumerate(self._paths)
         ]
 
     def read(self, item: Item) -> bytes:
-        return read_image_bytes(item.source)
+        if item.source in self.unlisted:
+            raise ImageDecodeError(self.unlisted[item.source])
+        return read_image_bytes(os_path_of(item.source))
 
 
 def directory_source(root: str | os.PathLike) -> FileSource:
@@ -76,12 +94,12 @@ def directory_source(root: str | os.PathLike) -> FileSource:
     root = Path(root)
     if not root.exists() and not root.is_symlink():
         raise SourceError(f"input not found: {root}")
-    if root.is_file():
+    if not root.is_dir():  # one file (a FIFO or device too: reading it gives the error row)
         return FileSource([root], root.parent, str(root))
-    paths = list_images(root)
-    if not paths:
+    scan = scan_images(root)
+    if not scan.images and not scan.unlisted:
         raise SourceError(f"no images (jpg, jpeg, png, bmp, webp, tif) under {root}")
-    return FileSource(paths, root, str(root))
+    return FileSource(scan.images, root, str(root), scan.unlisted)
 
 
 def file_list_source(list_file: str | os.PathLike, root: str | os.PathLike | None = None) -> FileSource:
@@ -95,8 +113,12 @@ def file_list_source(list_file: str | os.PathLike, root: str | os.PathLike | Non
         raise SourceError(f"file list not found: {list_file}")
     base = Path(root) if root is not None else list_file.parent
     paths = []
-    for line in list_file.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
+    try:
+        listing = read_file_bounded(list_file, MAX_LIST_BYTES)
+    except FileReadError as exc:
+        raise SourceError(f"cannot read file list {list_file}: {exc}") from None
+    for raw_line in listing.splitlines():
+        line = os.fsdecode(raw_line).strip()  # paths are bytes to the OS: non-UTF-8 names stay readable
         if line and not line.startswith("#"):
             path = Path(line)
             paths.append(path if path.is_absolute() else base / path)
@@ -116,21 +138,40 @@ class RecordIOSource:
     def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None) -> None:
         try:
             self.reader = RecordIOReader(rec_path, idx_path)
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, RecordIOError) as exc:
             raise SourceError(str(exc)) from None
         self.description = str(rec_path)
 
     def items(self) -> list[Item]:
+        """One item per image record. A record whose header cannot be read (a NaN label, damaged bytes) is still
+        an item, so the run records an ``error`` row for it (``read`` raises the reason); it is filed under the
+        label of the record before it (after it, for the first), which keeps labels the source's own and
+        identities contiguous, as a RecordIO output needs."""
+        try:
+            keys = self.reader.image_keys()
+        except RecordIOError as exc:
+            raise SourceError(f"{self.reader.rec_path}: header record: {exc}") from None
+        labels: list[int | None] = []
+        for key in keys:
+            try:
+                labels.append(int(self.reader.read_image_record(key)[0].label[0]))
+            except RecordIOError:
+                labels.append(None)
+        known = [label for label in labels if label is not None]
+        previous = known[0] if known else 0
         items = []
-        for index, key in enumerate(self.reader.image_keys()):
-            header, _ = self.reader.read_image_record(key)
-            label = int(header.label[0])
+        for index, (key, label) in enumerate(zip(keys, labels)):
+            label = previous if label is None else label
+            previous = label
             items.append(Item(index, f"{label}/{key}.jpg", f"{self.reader.rec_path}#{key}", label))
         return items
 
     def read(self, item: Item) -> bytes:
         key = int(item.source.rsplit("#", 1)[1])
-        return self.reader.read_image_record(key)[1]
+        try:
+            return self.reader.read_image_record(key)[1]
+        except RecordIOError as exc:
+            raise ImageDecodeError(f"record {key}: {exc}") from None
 
 
 def open_source(input_path: str | os.PathLike, root: str | os.PathLike | None = None) -> Source:

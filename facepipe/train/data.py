@@ -17,7 +17,9 @@ Faces with a non-positive width or height are dropped when reading (WIDER has a 
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from facepipe.io.files import FileReadError, read_file_bounded, read_text_bounded
 from facepipe.io.images import ImageDecodeError, decode_image, read_image_bytes
 from facepipe.train.augment import FaceTargets
 
@@ -54,6 +57,16 @@ def _faces_from_lists(boxes: list, landmarks: list, has_landmarks: list) -> Face
     return faces.subset((size > 0).all(axis=1))
 
 
+MAX_ANNOTATION_BYTES = 1 << 30
+
+
+def _annotation_lines(path: Path) -> list[str]:
+    try:
+        return read_text_bounded(path, MAX_ANNOTATION_BYTES).split("\n")  # file lines: only \n ends one
+    except FileReadError as exc:
+        raise AnnotationError(f"{path}: {exc}") from None
+
+
 def read_label_txt(path: str | os.PathLike, images_root: str | os.PathLike) -> list[TrainSample]:
     path, images_root = Path(path), Path(images_root)
     samples: list[TrainSample] = []
@@ -66,33 +79,34 @@ def read_label_txt(path: str | os.PathLike, images_root: str | os.PathLike) -> l
         if current is not None:
             samples.append(TrainSample(current, _faces_from_lists(boxes, landmarks, has_landmarks)))
 
-    with open(path, encoding="utf-8") as f:
-        for line_number, raw in enumerate(f, 1):
-            line = raw.strip()
-            if not line:
-                continue
-            if line.startswith("#"):
-                flush()
-                current = images_root / line[1:].strip()
-                boxes, landmarks, has_landmarks = [], [], []
-                continue
-            if current is None:
-                raise AnnotationError(f"{path}:{line_number}: face line before the first '# image' line")
-            try:
-                values = [float(v) for v in line.split()]
-            except ValueError:
-                raise AnnotationError(f"{path}:{line_number}: not a list of numbers: {line[:80]!r}") from None
-            if len(values) < 4:
-                raise AnnotationError(f"{path}:{line_number}: expected 'x y w h [landmarks]', got {len(values)} values")
-            x, y, w, h = values[:4]
-            boxes.append([x, y, x + w, y + h])
-            if len(values) >= 19 and values[4] >= 0:
-                points = np.asarray(values[4:19], dtype=np.float32).reshape(5, 3)[:, :2]
-                landmarks.append(points)
-                has_landmarks.append(True)
-            else:
-                landmarks.append(np.zeros((5, 2), dtype=np.float32))
-                has_landmarks.append(False)
+    for line_number, raw in enumerate(_annotation_lines(path), 1):
+        line = raw.strip()
+        if not line:
+            continue
+        if line.startswith("#"):
+            flush()
+            current = images_root / line[1:].strip()
+            boxes, landmarks, has_landmarks = [], [], []
+            continue
+        if current is None:
+            raise AnnotationError(f"{path}:{line_number}: face line before the first '# image' line")
+        try:
+            values = [float(v) for v in line.split()]
+        except ValueError:
+            raise AnnotationError(f"{path}:{line_number}: not a list of numbers: {line[:80]!r}") from None
+        if not all(math.isfinite(v) for v in values):
+            raise AnnotationError(f"{path}:{line_number}: NaN or infinite value: {line[:80]!r}")
+        if len(values) < 4:
+            raise AnnotationError(f"{path}:{line_number}: expected 'x y w h [landmarks]', got {len(values)} values")
+        x, y, w, h = values[:4]
+        boxes.append([x, y, x + w, y + h])
+        if len(values) >= 19 and values[4] >= 0:
+            points = np.asarray(values[4:19], dtype=np.float32).reshape(5, 3)[:, :2]
+            landmarks.append(points)
+            has_landmarks.append(True)
+        else:
+            landmarks.append(np.zeros((5, 2), dtype=np.float32))
+            has_landmarks.append(False)
     flush()
     return samples
 
@@ -100,32 +114,35 @@ def read_label_txt(path: str | os.PathLike, images_root: str | os.PathLike) -> l
 def read_jsonl(path: str | os.PathLike, images_root: str | os.PathLike) -> list[TrainSample]:
     path, images_root = Path(path), Path(images_root)
     samples: list[TrainSample] = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw)
-                boxes, landmarks, has_landmarks = [], [], []
-                for face in record.get("faces", []):
-                    box = [float(v) for v in face["box"]]
-                    if len(box) != 4:
-                        raise ValueError(f"box needs 4 values x1 y1 x2 y2, got {len(box)}")
-                    boxes.append(box)
-                    points = face.get("landmarks")
-                    if points is None:
-                        landmarks.append(np.zeros((5, 2), dtype=np.float32))
-                        has_landmarks.append(False)
-                    else:
-                        points = np.asarray(points, dtype=np.float32)
-                        if points.size != 10:
-                            raise ValueError(f"landmarks need 5 (x, y) points, got {points.size} values")
-                        landmarks.append(points.reshape(5, 2))
-                        has_landmarks.append(True)
-                image_path = images_root / record["path"]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise AnnotationError(f"{path}:{line_number}: {exc}") from None
-            samples.append(TrainSample(image_path, _faces_from_lists(boxes, landmarks, has_landmarks)))
+    for line_number, raw in enumerate(_annotation_lines(path), 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+            boxes, landmarks, has_landmarks = [], [], []
+            for face in record.get("faces", []):
+                box = [float(v) for v in face["box"]]
+                if len(box) != 4:
+                    raise ValueError(f"box needs 4 values x1 y1 x2 y2, got {len(box)}")
+                boxes.append(box)
+                points = face.get("landmarks")
+                if points is None:
+                    landmarks.append(np.zeros((5, 2), dtype=np.float32))
+                    has_landmarks.append(False)
+                else:
+                    points = np.asarray(points, dtype=np.float32)
+                    if points.size != 10:
+                        raise ValueError(f"landmarks need 5 (x, y) points, got {points.size} values")
+                    landmarks.append(points.reshape(5, 2))
+                    has_landmarks.append(True)
+            if not np.isfinite(np.asarray(boxes, dtype=np.float64)).all() or not all(
+                np.isfinite(p).all() for p in landmarks
+            ):
+                raise ValueError("NaN or infinite coordinate")
+            image_path = images_root / record["path"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AnnotationError(f"{path}:{line_number}: {exc}") from None
+        samples.append(TrainSample(image_path, _faces_from_lists(boxes, landmarks, has_landmarks)))
     return samples
 
 
@@ -168,7 +185,13 @@ def _wider_boxes(path: str | os.PathLike) -> Iterable[tuple[str, np.ndarray]]:
     """
     from scipy.io import loadmat
 
-    mat = loadmat(str(path))
+    try:
+        mat = loadmat(io.BytesIO(read_file_bounded(path, MAX_ANNOTATION_BYTES)))
+    except Exception as exc:  # FileReadError, scipy's MatReadError, ValueError...: damaged file
+        text = str(exc).strip()
+        raise AnnotationError(f"{path}: not a readable MATLAB file ({type(exc).__name__}: {text.splitlines()[0] if text else ''})") from None
+    if not all(k in mat for k in ("event_list", "file_list", "face_bbx_list")):
+        raise AnnotationError(f"{path}: not a WIDER FACE ground-truth .mat (no event_list / file_list / face_bbx_list)")
     for event_index, event in enumerate(mat["event_list"].ravel()):
         event_name = str(np.ravel(event)[0])
         files = mat["file_list"].ravel()[event_index].ravel()

@@ -12,6 +12,10 @@ Output directory layout (``--out``):
 * ``final.pth``                 -- the last epoch's weights, same format
 * ``resume.pt``                 -- model, optimizer, GradScaler, next epoch and step, RNG state: ``--resume``
 
+Epochs are numbered from 1 everywhere a person reads them: ``log.jsonl``, ``epochs.csv``, the progress bar,
+``resuming at epoch N`` and ``weights/epoch_NNN.pth`` all call the first epoch 1 (``epoch_000.pth`` is the state
+before any training). ``start_epoch`` and ``next_epoch`` in ``resume.pt`` count completed epochs.
+
 Every file is written to a temporary name and renamed, so an interrupted run never leaves a truncated file.
 The paper's mesh-decoder branch (dense 3D regression) is not trained: its 3D annotations are not public.
 """
@@ -189,18 +193,24 @@ class Trainer:
         path = Path(path) if path else self.resume_path
         if not path.is_file():
             raise CheckpointError(f"resume file not found: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        saved_backbone = state["config"]["backbone"]
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            saved_backbone = state["config"]["backbone"]
+        except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... on a damaged file
+            raise CheckpointError(f"{path} is not a readable resume file ({_first_line(exc)}): start a new run") from None
         if saved_backbone != self.config.backbone:
             raise CheckpointError(f"{path} was trained with backbone {saved_backbone}, not {self.config.backbone}")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.start_epoch = int(state["next_epoch"])
-        self.global_step = int(state["global_step"])
-        torch.set_rng_state(state["torch_rng"])
-        if self.device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.start_epoch = int(state["next_epoch"])
+            self.global_step = int(state["global_step"])
+            torch.set_rng_state(state["torch_rng"])
+            if self.device.type == "cuda" and "cuda_rng" in state:
+                torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        except Exception as exc:  # missing keys, mis-shaped tensors, wrong types: the file does not fit this run
+            raise CheckpointError(f"{path} does not fit this run ({_first_line(exc)})") from None
 
     def _save_resume(self, next_epoch: int) -> None:
         state = {
@@ -281,7 +291,7 @@ class Trainer:
                         sums[key] = sums.get(key, 0.0) + value
                     count += 1
                     if self.global_step % config.log_every == 0:
-                        entry = {"epoch": epoch, "step": self.global_step, "lr": lr, "seconds": round(seconds, 4),
+                        entry = {"epoch": epoch + 1, "step": self.global_step, "lr": lr, "seconds": round(seconds, 4),
                                  "data_seconds": round(data_seconds, 4), **record}
                         log.write(json.dumps(entry) + "\n")
                         log.flush()
@@ -290,7 +300,7 @@ class Trainer:
                     previous_end = time.perf_counter()
                 bar.close()
                 means = {key: value / max(count, 1) for key, value in sums.items()}
-                means["epoch"] = epoch
+                means["epoch"] = epoch + 1
                 result.epoch_losses.append(means)
                 self._append_epoch_csv(means)
                 last = epoch + 1 == end_epoch
@@ -314,3 +324,8 @@ class Trainer:
             if new:
                 writer.writeheader()
             writer.writerow(means)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
