@@ -157,5 +157,6 @@ def _detect_into(folder: Path, sources: list[InputImage], model, batch_size: int
                 if isinstance(faces, Exception):
                     raise click.ClickException(f"detection failed on {item.source.path}: {faces}")
                 key = wider.image_key(item.source.path)
-                wider.write_prediction_file(wider.prediction_path(folder, key), wider.faces_to_rows(faces))
+                rows = wider.faces_to_rows(faces, plus_one=model.name in wider.PLUS_ONE_WRITERS)
+                wider.write_prediction_file(wider.prediction_path(folder, key), rows)
             progress.update(len(batch))
