@@ -33,7 +33,6 @@ largest stride; WIDER-style testing).
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -140,67 +139,55 @@ def _constant_arrays(model: Any) -> dict[str, Any]:
     return constants
 
 
-def make_batch_dynamic(model: Any, layout: ScrfdLayout) -> Any:
+def make_batch_dynamic(model: Any) -> Any:
     """A copy of a batch-1 SCRFD graph whose outputs keep a batch axis: ``(N, anchors, C)``.
 
-    insightface's exports end each head with ``Transpose(perm=[2, 3, 0, 1])`` (N, C, H, W -> H, W, N, C)
-    and ``Reshape([-1, C])``, which folds the batch into the anchors. Here the transpose becomes
-    ``[0, 2, 3, 1]`` and the reshape ``[0, -1, C]``: per image, the same anchor order as before. Graphs
-    already ending in ``Reshape([1, -1, C])`` get ``[0, -1, C]``. ``ValueError`` when a head does not look
-    like either.
+    On top of the embedders' rewrite (:func:`facepipe.embedding.onnx_embedder.make_batch_dynamic`: symbolic
+    batch dimension, ``Reshape([1, ...])`` -> ``[0, ...]``), the heads of insightface's exports, which end in
+    ``Transpose(perm=[2, 3, 0, 1])`` (N, C, H, W -> H, W, N, C) and ``Reshape([-1, C])`` and so fold the batch
+    into the anchors, become ``Transpose([0, 2, 3, 1])`` and ``Reshape([0, -1, C])``: per image, the same
+    anchor order as before. ``ValueError`` when a head looks like neither.
     """
     from onnx import numpy_helper
 
-    model = copy.deepcopy(model)
+    from facepipe.embedding.onnx_embedder import make_batch_dynamic as symbolic_batch
+
+    model = symbolic_batch(model)
     graph = model.graph
     producers = {out: node for node in graph.node for out in node.output}
     constants = _constant_arrays(model)
-    rewritten: dict[str, str] = {}  # old shape-constant name -> new initializer name
-    for output in graph.output:
+    for index, output in enumerate(graph.output):
         node = producers.get(output.name)
         while node is not None and node.op_type in ("Sigmoid", "Identity", "Mul", "Cast"):
             node = producers.get(node.input[0])
         if node is None or node.op_type != "Reshape" or node.input[1] not in constants:
             raise ValueError(f"output {output.name} is not produced by a constant Reshape")
-        target = numpy_helper.to_array(constants[node.input[1]]).astype(np.int64)
-        if target.tolist()[:1] == [1] and len(target) == 3:
-            new_target = np.array([0, -1, target[2]], dtype=np.int64)
-        elif len(target) == 2 and target[0] == -1:
-            transpose = producers.get(node.input[0])
-            if transpose is None or transpose.op_type != "Transpose":
-                raise ValueError(f"output {output.name}: no Transpose before its Reshape")
-            perm = [a.ints for a in transpose.attribute if a.name == "perm"]
-            if not perm or list(perm[0]) not in ([2, 3, 0, 1], [0, 2, 3, 1]):
-                raise ValueError(f"output {output.name}: unexpected Transpose {list(perm[0]) if perm else None}")
-            for attribute in transpose.attribute:
-                if attribute.name == "perm":
-                    del attribute.ints[:]
-                    attribute.ints.extend([0, 2, 3, 1])
-            new_target = np.array([0, -1, target[1]], dtype=np.int64)
-        else:
-            raise ValueError(f"output {output.name}: unexpected Reshape target {target.tolist()}")
-        key = f"{node.input[1]}/{new_target.tolist()}"
-        if key not in rewritten:
-            name = f"scrfd_batched_shape_{len(rewritten)}"
-            graph.initializer.append(numpy_helper.from_array(new_target, name))
-            rewritten[key] = name
-        node.input[1] = rewritten[key]
+        target = numpy_helper.to_array(constants[node.input[1]]).astype(np.int64).tolist()
+        if len(target) == 3 and target[0] == 0:  # (N, anchors, C) already
+            continue
+        if len(target) != 2 or target[0] != -1:
+            raise ValueError(f"output {output.name}: unexpected Reshape target {target}")
+        transpose = producers.get(node.input[0])
+        perm = [list(a.ints) for a in transpose.attribute if a.name == "perm"] if transpose is not None else []
+        if transpose is None or transpose.op_type != "Transpose" or perm != [[2, 3, 0, 1]]:
+            raise ValueError(f"output {output.name}: its Reshape does not follow a Transpose [2, 3, 0, 1]")
+        for attribute in transpose.attribute:
+            if attribute.name == "perm":
+                del attribute.ints[:]
+                attribute.ints.extend([0, 2, 3, 1])
+        name = f"scrfd_batched_shape_{index}"
+        graph.initializer.append(numpy_helper.from_array(np.array([0, -1, target[1]], dtype=np.int64), name))
+        node.input[1] = name
         dims = output.type.tensor_type.shape.dim
-        width = int(new_target[2])
-        while len(dims):
-            dims.pop()
-        for value in ("batch", "anchors"):
-            dims.add().dim_param = value
-        dims.add().dim_value = width
+        del dims[:]
+        dims.add().dim_param = "batch"
+        dims.add().dim_param = "anchors"
+        dims.add().dim_value = target[1]
     used = {name for node in graph.node for name in node.input}
     declared = {value.name for value in graph.input}
     stale = [init for init in graph.initializer if init.name not in used and init.name not in declared]
     for init in stale:  # the replaced shape constants (onnxruntime warns about unused initializers)
         graph.initializer.remove(init)
-    image = graph_inputs(model)[0].type.tensor_type.shape.dim[0]
-    image.ClearField("dim_value")
-    image.dim_param = "batch"
-    del graph.value_info[:]  # stale fixed-batch shapes would contradict the new axes
     return model
 
 
@@ -258,7 +245,7 @@ class ScrfdOnnxBackend:
         probe = self._probe(3)
         single = self._run_single(self.session, probe)
         try:
-            dynamic = onnxruntime_session(make_batch_dynamic(proto, self.layout).SerializeToString(), self._device, self._threads)
+            dynamic = onnxruntime_session(make_batch_dynamic(proto).SerializeToString(), self._device, self._threads)
             batched = dynamic.run(self.output_names, {self.input_name: probe})
         except Exception:  # noqa: BLE001 - a head we cannot rewrite: run images one at a time
             return

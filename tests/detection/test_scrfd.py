@@ -249,8 +249,7 @@ def test_every_layout_decodes_as_insightface(n_outputs, batched):
 
 def test_batch_dynamic_rewrite_keeps_each_image_anchor_order():
     model = tiny_scrfd(15, batched=False, seed=3)
-    layout = scrfd_layout(model)
-    dynamic = onnxruntime_session(make_batch_dynamic(model, layout).SerializeToString(), intra_op_threads=1)
+    dynamic = onnxruntime_session(make_batch_dynamic(model).SerializeToString(), intra_op_threads=1)
     single = onnxruntime_session(model.SerializeToString(), intra_op_threads=1)
     probe = np.random.default_rng(1).uniform(-1, 1, (3, 3, 128, 256)).astype(np.float32)
     batched = dynamic.run(None, {"input.1": probe})
