@@ -194,7 +194,7 @@ def test_auto_mode_merges_128_and_640_candidates_in_one_nms(detector):
 
 
 # --------------------------------------------------------------------------- other layouts (generated)
-def tiny_scrfd(n_outputs: int, batched: bool, seed: int = 0) -> onnx.ModelProto:
+def tiny_scrfd(n_outputs: int, batched: bool, seed: int = 0, head_perm: list[int] | None = None) -> onnx.ModelProto:
     """A small SCRFD-shaped graph: per stride an average pool and a 1x1 conv per head, insightface's head order
     and output shapes (batch-1 exports: Transpose [2, 3, 0, 1] + Reshape [-1, C]; batched: (N, anchors, C))."""
     fmc, strides, anchors, keypoints = reference.LAYOUTS[n_outputs]
@@ -211,7 +211,7 @@ def tiny_scrfd(n_outputs: int, batched: bool, seed: int = 0) -> onnx.ModelProto:
             bias = np.full(anchors * width, -1.0 if head == "score" else 1.0, dtype=np.float32)
             initializers += [numpy_helper.from_array(weight, f"{name}.w"), numpy_helper.from_array(bias, f"{name}.b")]
             nodes.append(helper.make_node("Conv", [f"pool{stride}", f"{name}.w", f"{name}.b"], [f"{name}.conv"]))
-            perm, target = ([0, 2, 3, 1], [0, -1, width]) if batched else ([2, 3, 0, 1], [-1, width])
+            perm, target = ([0, 2, 3, 1], [0, -1, width]) if batched else (head_perm or [2, 3, 0, 1], [-1, width])
             initializers.append(numpy_helper.from_array(np.array(target, dtype=np.int64), f"{name}.shape"))
             nodes.append(helper.make_node("Transpose", [f"{name}.conv"], [f"{name}.t"], perm=perm))
             reshaped = f"{name}.r" if head == "score" else name
@@ -256,6 +256,21 @@ def test_batch_dynamic_rewrite_keeps_each_image_anchor_order():
     for j in range(3):
         for ours, theirs in zip(batched, single.run(None, {"input.1": probe[j : j + 1]})):
             np.testing.assert_allclose(ours[j], theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_a_head_that_cannot_be_rewritten_runs_images_one_at_a_time():
+    # Transpose [3, 2, 0, 1] (columns before rows) is a valid batch-1 export the rewrite does not know.
+    data = tiny_scrfd(9, batched=False, seed=5, head_perm=[3, 2, 0, 1]).SerializeToString()
+    backend = ScrfdOnnxBackend(data, intra_op_threads=1)
+    assert not backend.batched
+    detector = ScrfdDetector(backend, ScrfdSettings(threshold=0.6, det_size=128, batch_size=4))
+    theirs = reference.InsightfaceScrfd(onnxruntime_session(data, intra_op_threads=1), det_thresh=0.6, det_size=(128, 128))
+    t1 = read("images/group/t1.jpg")
+    images = [t1, cv2.resize(t1, (100, 160))]
+    for image, ours in zip(images, detector.detect_rows(images)):
+        expected = reference.reference_rows(theirs, image)
+        assert len(expected) > 0 and ours.shape == expected.shape
+        np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------ bad graphs
