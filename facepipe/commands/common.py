@@ -13,7 +13,8 @@ from facepipe.embedding.base import EMBEDDER_NAMES
 
 detector_option = click.option(
     "--detector", type=click.Choice(DETECTOR_NAMES), default="retinaface", show_default=True,
-    help="Face detector. 'retinaface' uses the bundled MobileNet-0.25 weights.",
+    help="Face detector. 'retinaface' uses the bundled MobileNet-0.25 weights; 'scrfd' needs an insightface "
+    "SCRFD .onnx (--detector-weights) or a model pack (--pack, where offered).",
 )
 detector_weights_option = click.option(
     "--detector-weights", "detector_weights", type=click.Path(dir_okay=False), default=None,
