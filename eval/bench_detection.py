@@ -12,11 +12,20 @@ post-processing, so the ratio isolates the network backend. The paper's figure f
 
 Figures are only comparable within one run: another process using a core slows torch's intra-op threads
 far more than onnxruntime's.
+
+SCRFD rows (``--scrfd-weights``, default the shared ``scrfd_2.5g_bnkps.onnx``; ``--only scrfd`` skips the
+RetinaFace rows): our ``ScrfdDetector.detect`` against insightface 0.7.3's ``SCRFD.detect`` re-stated in
+``eval/insightface_scrfd.py``, on the same ONNX file, onnxruntime and thread count, in this process, timed
+round robin, per image at VGA and HD; then throughput over the shared WIDER subset (``--wider-limit``
+images of mixed sizes): the reference one image per call, ours in batches of ``--scrfd-batch``. Every
+configuration's detections are compared with the reference's (largest difference printed).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import platform
 import statistics
 import sys
 import time
@@ -24,10 +33,13 @@ from pathlib import Path
 from typing import Callable
 
 import cv2
+import numpy as np
 import torch
 
 from facepipe.detection.backends import OnnxRuntimeBackend, TorchBackend
+from facepipe.detection.backends import onnxruntime_session
 from facepipe.detection.retinaface import RetinaFaceDetector, RetinaFaceSettings, create_retinaface_mnet
+from facepipe.detection.scrfd import create_scrfd
 from facepipe.models.retinaface import retinaface_mnet025
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +81,75 @@ def detectors(threads: int, tiny_onnx: Path) -> dict[str, RetinaFaceDetector]:
     }
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _insightface_reference():
+    spec = importlib.util.spec_from_file_location("insightface_scrfd", Path(__file__).with_name("insightface_scrfd.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _max_difference(ours: list[np.ndarray], theirs: list[np.ndarray]) -> float:
+    """Largest absolute difference over matching rows; inf when the detections differ in number."""
+    if any(a.shape != b.shape for a, b in zip(ours, theirs)):
+        return float("inf")
+    return max((float(np.abs(a - b).max()) for a, b in zip(ours, theirs) if a.size), default=0.0)
+
+
+def scrfd_rows(args: argparse.Namespace, images: dict[str, np.ndarray]) -> None:
+    reference = _insightface_reference()
+    wider = sorted((ASSETS / "widerface" / "val_images").glob("*/*.jpg"))[: args.wider_limit]
+    wider_images = [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in wider]
+    rows, throughput = [], []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        theirs = reference.InsightfaceScrfd(onnxruntime_session(args.scrfd_weights, intra_op_threads=threads))
+        ours = create_scrfd(args.scrfd_weights, intra_op_threads=threads)
+        for size_name, image in images.items():
+            times = interleaved_medians_ms(
+                {"insightface": lambda: theirs.detect(image), "facepipe": lambda: ours.detect([image])}, args.runs, args.warmup
+            )
+            difference = _max_difference(ours.detect_rows([image]), [reference.reference_rows(theirs, image)])
+            faces = len(ours.detect_rows([image])[0])
+            rows.append((size_name, threads, times["insightface"], times["facepipe"], faces, difference))
+            print(f"  SCRFD {size_name} {threads} thr: insightface {times['insightface']:.1f} ms, facepipe "
+                  f"{times['facepipe']:.1f} ms", file=sys.stderr, flush=True)
+        if wider_images:
+            batched = ours.with_settings(batch_size=args.scrfd_batch)
+            start = time.perf_counter()
+            expected = [reference.reference_rows(theirs, image) for image in wider_images]
+            reference_s = time.perf_counter() - start
+            time.sleep(IDLE_BETWEEN_CALLS_S)
+            start = time.perf_counter()
+            got = [r for i in range(0, len(wider_images), args.scrfd_batch)
+                   for r in batched.detect_rows(wider_images[i : i + args.scrfd_batch])]
+            ours_s = time.perf_counter() - start
+            throughput.append((threads, len(wider_images) / reference_s, len(wider_images) / ours_s, _max_difference(got, expected)))
+
+    print(f"\nSCRFD {Path(args.scrfd_weights).name}, full detect() per image (letterbox 640x640, threshold 0.5), "
+          f"median of {args.runs} runs; CPU: {cpu_model()}")
+    print("| image | threads | insightface 0.7.3 ms | facepipe ms | speed-up | faces | max difference |")
+    print("|---|---|---|---|---|---|---|")
+    for size_name, threads, theirs_ms, ours_ms, faces, difference in rows:
+        print(f"| {size_name} | {threads} | {theirs_ms:.1f} | {ours_ms:.1f} | {theirs_ms / ours_ms:.2f}x | {faces} | {difference:.2g} |")
+    if throughput:
+        print(f"\nSCRFD throughput over {len(wider_images)} shared WIDER images (mixed sizes): insightface one image per "
+              f"call, facepipe batches of {args.scrfd_batch}")
+        print("| threads | insightface img/s | facepipe img/s | speed-up | max difference |")
+        print("|---|---|---|---|---|")
+        for threads, theirs_rate, ours_rate, difference in throughput:
+            print(f"| {threads} | {theirs_rate:.2f} | {ours_rate:.2f} | {ours_rate / theirs_rate:.2f}x | {difference:.2g} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", type=Path, default=ASSETS / "images" / "group" / "t1.jpg")
@@ -77,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--skip-eager", action="store_true", help="leave out the slow unoptimised torch row")
+    parser.add_argument("--only", choices=["all", "retinaface", "scrfd"], default="all")
+    parser.add_argument("--scrfd-weights", type=Path, default=ASSETS / "weights" / "scrfd" / "scrfd_2.5g_bnkps.onnx")
+    parser.add_argument("--scrfd-batch", type=int, default=8)
+    parser.add_argument("--wider-limit", type=int, default=64, help="shared WIDER images for the SCRFD throughput rows")
     args = parser.parse_args(argv)
     for path in (args.image, args.tiny_onnx):
         if not path.is_file():
@@ -84,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     photo = cv2.imread(str(args.image), cv2.IMREAD_COLOR)
     images = {name: cv2.resize(photo, size, interpolation=cv2.INTER_AREA) for name, size in SIZES.items()}
 
+    if args.only in ("all", "scrfd"):
+        scrfd_rows(args, images)
+    if args.only == "scrfd":
+        return 0
     rows = []
     for threads in args.threads:
         configs = detectors(threads, args.tiny_onnx)

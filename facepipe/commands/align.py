@@ -7,7 +7,14 @@ from pathlib import Path
 
 import click
 
-from facepipe.commands.common import detector_option, detector_weights_option, device_option, resolve_device
+from facepipe.commands.common import (
+    apply_pack,
+    detector_option,
+    detector_weights_option,
+    device_option,
+    pack_option,
+    resolve_device,
+)
 from facepipe.engine.cli_options import engine_option, engine_options, num_gpus_option, ray_address_option
 
 
@@ -47,6 +54,7 @@ def _parse_size(value: str) -> int | tuple[int, int]:
               help="Images with a longer side are downscaled for detection only (crops come from the full image); 0 = never.")
 @detector_option
 @detector_weights_option
+@pack_option
 @click.option("--detector-option", "detector_options", multiple=True, metavar="KEY=VALUE",
               help="Extra detector setting, repeatable, e.g. scale=fixed, backend=torch, max_size=1600.")
 @device_option
@@ -64,7 +72,7 @@ def _parse_size(value: str) -> int | tuple[int, int]:
 def align(
     input_path: Path, out_dir: Path, sink: str, manifest_path: Path | None, size: str, keep: str, min_score: float,
     landmarks_file: Path | None, retry_padded: bool, pad_ratio: float, image_format: str, jpeg_quality: int,
-    max_pixels: int, detect_max_side: int, detector: str, detector_weights: str | None,
+    max_pixels: int, detect_max_side: int, detector: str, detector_weights: str | None, pack: Path | None,
     detector_options: tuple[str, ...], device: str,
     workers: int | None, batch_size: int, chunk_size: int, root: Path | None, overwrite: bool, progress: bool,
     engine: str = "local", ray_address: str | None = None, num_gpus: float | None = None,
@@ -88,6 +96,7 @@ def align(
     if workers is not None and workers < 0:
         raise click.BadParameter("must be 0 or more", param_hint="--workers")
     _check_writable(out_dir)
+    detector, detector_weights = apply_pack(pack, detector, detector_weights)
     try:
         config = AlignConfig(
             size=_parse_size(size), keep=keep, min_score=min_score, retry_padded=retry_padded, pad_ratio=pad_ratio,

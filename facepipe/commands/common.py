@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import click
 import torch
@@ -13,7 +14,8 @@ from facepipe.embedding.base import EMBEDDER_NAMES
 
 detector_option = click.option(
     "--detector", type=click.Choice(DETECTOR_NAMES), default="retinaface", show_default=True,
-    help="Face detector. 'retinaface' uses the bundled MobileNet-0.25 weights.",
+    help="Face detector. 'retinaface' uses the bundled MobileNet-0.25 weights; 'scrfd' needs an insightface "
+    "SCRFD .onnx (--detector-weights) or a model pack (--pack, where offered).",
 )
 detector_weights_option = click.option(
     "--detector-weights", "detector_weights", type=click.Path(dir_okay=False), default=None,
@@ -23,12 +25,34 @@ model_option = click.option(
     "--model", type=click.Choice(EMBEDDER_NAMES), default="mobilefacenet", show_default=True,
     help="Embedding model. 'mobilefacenet' uses the bundled weights; 'onnx' needs --weights FILE.onnx.",
 )
+pack_option = click.option(
+    "--pack", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+    help="insightface model-pack folder (buffalo_l, buffalo_s, antelopev2, ...): its SCRFD graph is the detector.",
+)
 device_option = click.option(
     "--device", type=str, default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.",
 )
 threads_option = click.option(
     "--threads", type=int, default=None, help="CPU threads for torch/onnxruntime (default: all cores).",
 )
+
+
+def apply_pack(pack: Path | None, detector: str, weights: str | None) -> tuple[str, str | None]:
+    """(detector, weights) with ``--pack``: the pack's SCRFD file; models found are reported, ignored ones named."""
+    if pack is None:
+        return detector, weights
+    from facepipe.models.insightface_pack import load_pack
+
+    if weights is not None:
+        raise click.UsageError("give --pack or detector weights, not both")
+    try:
+        found = load_pack(pack)
+        weights = str(found.require("detector"))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    for model in found.ignored:
+        click.echo(f"model pack: ignoring {model.path.name} ({model.description})", err=True)
+    return "scrfd", weights
 
 
 _DEVICE_PATTERN = re.compile(r"cpu|mps|cuda(:\d+)?")

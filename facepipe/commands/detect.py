@@ -13,7 +13,15 @@ import click
 import numpy as np
 from tqdm import tqdm
 
-from facepipe.commands.common import detector_option, device_option, resolve_device, set_threads, threads_option
+from facepipe.commands.common import (
+    apply_pack,
+    detector_option,
+    device_option,
+    pack_option,
+    resolve_device,
+    set_threads,
+    threads_option,
+)
 from facepipe.io.images import IMAGE_EXTENSIONS, ImageDecodeError, list_images, read_image
 from facepipe.types import Face
 
@@ -93,15 +101,24 @@ def detect_batch(detector, images: list[np.ndarray]) -> list[list[Face] | Except
     return results
 
 
-def detector_options(detector: str, batch_size: int, threshold: float | None = None, scale: str = "original") -> dict:
-    """Factory options for ``create_detector``; only RetinaFace takes a score threshold and a scale policy."""
+def detector_options(detector: str, batch_size: int, threshold: float | None = None, scale: str | None = None) -> dict:
+    """Factory options for ``create_detector``: RetinaFace and SCRFD take a score threshold and a scale policy.
+
+    ``scale`` None is each detector's default: RetinaFace runs the original size, SCRFD letterboxes to its
+    ``det_size`` (insightface's test, also called ``fixed``); SCRFD's ``original`` runs the image unresized.
+    """
     options: dict = {"batch_size": batch_size}
-    if detector.startswith("retinaface"):
-        options["scale"] = scale
+    if detector.startswith("retinaface") or detector == "scrfd":
         if threshold is not None:
             options["threshold"] = threshold
-    elif scale != "original":
-        raise click.UsageError(f"--scale {scale} is only available for the RetinaFace detectors")
+    if detector.startswith("retinaface"):
+        options["scale"] = scale or "original"
+    elif detector == "scrfd":
+        if scale == "multiscale":
+            raise click.UsageError("--scale multiscale is a RetinaFace policy; SCRFD takes original or fixed (det_size)")
+        options["scale"] = "original" if scale == "original" else "letterbox"
+    elif scale not in (None, "original"):
+        raise click.UsageError(f"--scale {scale} is only available for the RetinaFace and SCRFD detectors")
     return options
 
 
@@ -128,6 +145,7 @@ def _visual_path(root: Path, relative: Path) -> Path:
     "--weights", "--detector-weights", "weights", type=click.Path(dir_okay=False, exists=True), default=None,
     help="Detector weights (.pth or .onnx); default: the bundled weights where available.",
 )
+@pack_option
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True, help="Minimum face score.")
 @click.option(
     "--visualize", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -141,6 +159,7 @@ def detect(
     out: Path,
     detector: str,
     weights: str | None,
+    pack: Path | None,
     threshold: float,
     visualize: Path | None,
     device: str,
@@ -156,6 +175,7 @@ def detect(
     from facepipe.visualize import draw_faces, save_image
 
     set_threads(threads)
+    detector, weights = apply_pack(pack, detector, weights)
     sources = collect_inputs(inputs)
     if not sources:
         raise click.UsageError("no image files found in the given inputs")

@@ -279,7 +279,8 @@ def _out_paths(out: str) -> tuple[Path, Path]:
               help="Verification .bin: its crops are re-aligned by each detector (padded, detected, aligned); "
                    "a row with the crops as released is added. Repeatable.")
 @click.option("--detectors", default="mtcnn,retinaface", show_default=True,
-              help=f"Comma-separated detectors, one row each ({', '.join(DETECTOR_NAMES)}).")
+              help=f"Comma-separated detectors, one row each ({', '.join(DETECTOR_NAMES)}); NAME=FILE gives weights, "
+                   "e.g. scrfd=det_10g.onnx.")
 @model_option
 @weights_option
 @device_option
@@ -312,7 +313,8 @@ def compare_detectors(cfp_root, lfw_root, lfw_pairs, bin_files, detectors, model
         raise click.UsageError("give at least one benchmark: --cfp, --lfw with --lfw-pairs, or --bin")
     if bool(lfw_root) != bool(lfw_pairs):
         raise click.UsageError("--lfw and --lfw-pairs go together")
-    detector_names = [d for d in detectors.replace(" ", "").split(",") if d]
+    weights_of = dict(d.partition("=")[::2] for d in detectors.replace(" ", "").split(",") if d)  # scrfd=FILE.onnx
+    detector_names = list(weights_of)
     unknown = [d for d in detector_names if d not in DETECTOR_NAMES]
     if unknown or not detector_names:
         raise click.BadParameter(f"unknown detector(s) {unknown}; choose from {', '.join(DETECTOR_NAMES)}",
@@ -332,16 +334,17 @@ def compare_detectors(cfp_root, lfw_root, lfw_pairs, bin_files, detectors, model
         columns += [Path(b).stem for b in bin_files]
         rows: list[dict[str, Any]] = []
         for detector_name in detector_names:
-            detector = _build_detector(detector_name, None, device)
+            detector_weights = weights_of[detector_name] or None
+            detector = _build_detector(detector_name, detector_weights, device)
             results: dict[str, Any] = {}
-            spec = _spec(detector_name, None, model, weights, min_score, pad)
+            spec = _spec(detector_name, detector_weights, model, weights, min_score, pad)
             raw = [(f"CFP-{p}", f"cfp_{p.lower()}", pairs) for p, pairs in cfp_lists.items()]
             raw += [("LFW", "lfw", lfw_list)] if lfw_list is not None else []
             for column, name, pairs in raw:
                 report, summary = run_pairs(name, pairs, detector, embedder, spec, cache, batch_size)
                 _echo_block(block_title(column, model, detector_name), report, summary)
                 results[column] = _entry(report, summary)
-            aligned_spec = _spec(detector_name, None, model, weights, min_score, pad=0.5, mode="aligned")
+            aligned_spec = _spec(detector_name, detector_weights, model, weights, min_score, pad=0.5, mode="aligned")
             for path in bin_files:
                 report, summary = realign_bin(path, detector, detector_name, embedder, aligned_spec, cache, batch_size,
                                               bin_limit)

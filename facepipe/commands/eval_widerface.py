@@ -79,8 +79,9 @@ def _check_run_info(prediction_dir: Path, run_info: dict) -> None:
 @detector_option
 @detector_weights_option
 @click.option(
-    "--scale", type=click.Choice(["original", "fixed", "multiscale"]), default="original", show_default=True,
-    help="original: no resize; fixed: 1600 short side / 2150 long side; multiscale: pyramid + flip.",
+    "--scale", type=click.Choice(["original", "fixed", "multiscale"]), default=None,
+    help="original: no resize; fixed: 1600 short side / 2150 long side (SCRFD: det_size letterbox); multiscale: "
+    "pyramid + flip. Default: original for RetinaFace, the det_size letterbox for SCRFD.",
 )
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the PR curves to this .png.")
 @device_option
@@ -93,7 +94,7 @@ def widerface(
     prediction_dir: Path | None,
     detector: str,
     detector_weights: str | None,
-    scale: str,
+    scale: str | None,
     plot: Path | None,
     device: str,
     threads: int | None,
@@ -130,7 +131,7 @@ def widerface(
     with tempfile.TemporaryDirectory(prefix="facepipe_wider_") as scratch:
         folder = Path(scratch) if prediction_dir is None else prediction_dir
         missing = [s for s in sources if not wider.prediction_path(folder, wider.image_key(s.path)).is_file()]
-        run_info = {"detector": detector, "weights": detector_weights, "scale": scale}
+        run_info = {"detector": detector, "weights": detector_weights, "scale": scale or ("letterbox" if detector == "scrfd" else "original")}
         if missing:
             # Build the detector first: bad settings or weights must fail before the folder is claimed.
             options = detector_options(detector, batch_size, EVAL_SCORE_THRESHOLD, scale)
@@ -167,5 +168,6 @@ def _detect_into(folder: Path, sources: list[InputImage], model, batch_size: int
                 if isinstance(faces, Exception):
                     raise click.ClickException(f"detection failed on {item.source.path}: {faces}")
                 key = wider.image_key(item.source.path)
-                wider.write_prediction_file(wider.prediction_path(folder, key), wider.faces_to_rows(faces))
+                rows = wider.faces_to_rows(faces, plus_one=model.name in wider.PLUS_ONE_WRITERS)
+                wider.write_prediction_file(wider.prediction_path(folder, key), rows)
             progress.update(len(batch))

@@ -95,6 +95,37 @@ def export_onnx(model: RetinaFace, path: str | os.PathLike | None = None, opset:
     return data
 
 
+def onnxruntime_session(model: str | os.PathLike | bytes, device: str = "cpu", intra_op_threads: int | None = None):
+    """An onnxruntime CPU (or CUDA) session for a file or serialized model, threads defaulting to torch's."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ImportError("the onnxruntime backend needs onnxruntime: pip install facepipe[onnx]") from exc
+    if isinstance(model, (str, os.PathLike)):
+        if not os.path.lexists(model):
+            raise FileNotFoundError(f"ONNX model not found: {model}")
+        model = load_onnx_model_checked(model).SerializeToString()  # garbage files: one CheckpointError line
+    options = ort.SessionOptions()
+    # Default to torch's thread setting so one knob (--threads / torch.set_num_threads) controls both.
+    options.intra_op_num_threads = intra_op_threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    providers: list = ["CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise RuntimeError(
+                "device cuda requested but this onnxruntime has no CUDAExecutionProvider "
+                "(install onnxruntime-gpu matching your CUDA, or use the torch backend)"
+            )
+        device_id = int(device.split(":")[1]) if ":" in device else 0
+        providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+    try:
+        return ort.InferenceSession(model, options, providers=providers)
+    except Exception as exc:  # onnxruntime's Fail / InvalidGraph / NotImplemented on a model it cannot run
+        text = str(exc).strip()
+        raise CheckpointError(f"onnxruntime cannot load this model ({text.splitlines()[0] if text else exc!r})") from None
+
+
 class OnnxRuntimeBackend:
     def __init__(
         self,
@@ -102,33 +133,7 @@ class OnnxRuntimeBackend:
         device: str = "cpu",
         intra_op_threads: int | None = None,
     ) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise ImportError("the onnxruntime backend needs onnxruntime: pip install facepipe[onnx]") from exc
-        if isinstance(model, (str, os.PathLike)):
-            if not os.path.lexists(model):
-                raise FileNotFoundError(f"ONNX model not found: {model}")
-            model = load_onnx_model_checked(model).SerializeToString()  # garbage files: one CheckpointError line
-        options = ort.SessionOptions()
-        # Default to torch's thread setting so one knob (--threads / torch.set_num_threads) controls both.
-        options.intra_op_num_threads = intra_op_threads or torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        providers = ["CPUExecutionProvider"]
-        if device.startswith("cuda"):
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise RuntimeError(
-                    "device cuda requested but this onnxruntime has no CUDAExecutionProvider "
-                    "(install onnxruntime-gpu matching your CUDA, or use the torch backend)"
-                )
-            device_id = int(device.split(":")[1]) if ":" in device else 0
-            providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
-        try:
-            self.session = ort.InferenceSession(model, options, providers=providers)
-        except Exception as exc:  # onnxruntime's Fail / InvalidGraph / NotImplemented on a model it cannot run
-            text = str(exc).strip()
-            raise CheckpointError(f"onnxruntime cannot load this model ({text.splitlines()[0] if text else exc!r})") from None
+        self.session = onnxruntime_session(model, device, intra_op_threads)
         inputs = self.session.get_inputs()
         if len(inputs) != 1 or len(self.session.get_outputs()) != 3:
             raise ValueError("expected a RetinaFace ONNX graph with 1 input and 3 outputs (loc, conf, landmarks)")

@@ -23,18 +23,37 @@ class Detector(Protocol):
     def detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]: ...
 
 
+def check_images(images: Sequence[np.ndarray]) -> None:
+    """``ValueError`` naming the first image that is not a non-empty uint8 ``(H, W, 3)`` array."""
+    for index, image in enumerate(images):
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+            raise ValueError(f"image {index}: expected a uint8 (H, W, 3) BGR array, got {got}")
+        if image.shape[0] < 1 or image.shape[1] < 1:
+            raise ValueError(f"image {index}: empty image {image.shape}")
+
+
 # CLI name -> (module, factory function). Factories take (weights=None, device="cpu", **options).
 _DETECTOR_FACTORIES: dict[str, tuple[str, str]] = {
     "retinaface": ("facepipe.detection.retinaface", "create_retinaface_mnet"),
     "retinaface-r50": ("facepipe.detection.retinaface", "create_retinaface_r50"),
     "retinaface-onnx": ("facepipe.detection.retinaface", "create_retinaface_onnx"),
     "mtcnn": ("facepipe.detection.mtcnn", "create_mtcnn"),
+    "scrfd": ("facepipe.detection.scrfd", "create_scrfd"),
 }
 DETECTOR_NAMES = tuple(_DETECTOR_FACTORIES)
 
 
-def create_detector(name: str = "retinaface", weights: str | None = None, device: str = "cpu", **options: Any) -> Detector:
-    """Build a detector by CLI name; ``weights=None`` uses the bundled default where there is one."""
+def create_detector(
+    name: str | None = None, weights: str | None = None, device: str = "cpu", pack: str | None = None, **options: Any
+) -> Detector:
+    """Build a detector by CLI name (default ``retinaface``); ``weights=None`` uses the bundled default where
+    there is one. ``pack``: an insightface model-pack folder, whose SCRFD graph is the detector."""
+    if pack is not None:
+        if name not in (None, "scrfd"):
+            raise ValueError(f"a model pack provides an SCRFD detector, not {name!r}")
+        name, options = "scrfd", {**options, "pack": pack}
+    name = name or "retinaface"
     try:
         module_name, factory_name = _DETECTOR_FACTORIES[name]
     except KeyError:

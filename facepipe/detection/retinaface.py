@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 
 from facepipe.detection.backends import OnnxRuntimeBackend, RetinaFaceBackend, TorchBackend, export_onnx
+from facepipe.detection.base import check_images
 from facepipe.detection.box_ops import box_voting, decode, decode_landmarks, nms
 from facepipe.detection.priors import prior_boxes
 from facepipe.models.retinaface import BGR_MEAN, RetinaFace, retinaface_mnet025, retinaface_r50
@@ -119,12 +120,7 @@ class RetinaFaceDetector:
 
     # --- public API ------------------------------------------------------------------------------------
     def detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
-        for index, image in enumerate(images):
-            if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-                got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-                raise ValueError(f"image {index}: expected a uint8 (H, W, 3) BGR array, got {got}")
-            if image.shape[0] < 1 or image.shape[1] < 1:
-                raise ValueError(f"image {index}: empty image {image.shape}")
+        check_images(images)
         rows = self.detect_rows(images)
         return [[Face.from_row(r) for r in image_rows] for image_rows in rows]
 

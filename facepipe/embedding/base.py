@@ -49,8 +49,18 @@ _EMBEDDER_FACTORIES: dict[str, tuple[str, str]] = {
 EMBEDDER_NAMES = tuple(_EMBEDDER_FACTORIES)
 
 
-def create_embedder(name: str = "mobilefacenet", weights: str | None = None, device: str = "cpu", **options: Any) -> Embedder:
-    """Build an embedder by CLI name; ``weights=None`` uses the bundled default where there is one."""
+def create_embedder(
+    name: str | None = None, weights: str | None = None, device: str = "cpu", pack: str | None = None, **options: Any
+) -> Embedder:
+    """Build an embedder by CLI name (default ``mobilefacenet``); ``weights=None`` uses the bundled default where
+    there is one. ``pack``: an insightface model-pack folder, whose 112x112 recognition ONNX is the embedder."""
+    if pack is not None:
+        if name not in (None, "onnx") or weights is not None:
+            raise ValueError("a model pack provides the ONNX embedder itself: give no other model name or weights")
+        from facepipe.models.insightface_pack import load_pack
+
+        name, weights = "onnx", str(load_pack(pack).require("recognition"))
+    name = name or "mobilefacenet"
     try:
         module_name, factory_name = _EMBEDDER_FACTORIES[name]
     except KeyError:

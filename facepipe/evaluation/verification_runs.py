@@ -31,6 +31,7 @@ DETECTOR_TITLES = {
     "retinaface": "RetinaFace",
     "retinaface-r50": "RetinaFace-R50",
     "retinaface-onnx": "RetinaFace (ONNX)",
+    "scrfd": "SCRFD",
 }
 
 

@@ -158,6 +158,8 @@ class AlignWorker:
                 # RetinaFace drops faces under its own threshold (0.5): let --min-score go lower than that.
                 options.setdefault("threshold", self.config.min_score)
                 options.setdefault("confidence_threshold", align_confidence_threshold(self.config.min_score, options))
+            elif self.config.detector == "scrfd":  # SCRFD's det_thresh (0.5) would likewise floor --min-score
+                options.setdefault("threshold", self.config.min_score)
             if self.onnx_model is not None:
                 options["backend"] = "onnxruntime"
                 self._detector = create_detector("retinaface-onnx", self.onnx_model, self.config.device, **options)
