@@ -13,7 +13,16 @@ import click
 import numpy as np
 from tqdm import tqdm
 
-from facepipe.commands.common import detector_option, device_option, resolve_device, set_threads, threads_option
+from facepipe.commands.common import (
+    detect_weights_option,
+    detector_option,
+    device_option,
+    min_score_option,
+    resolve_device,
+    set_threads,
+    threads_option,
+)
+from facepipe.detection.base import pipeline_detector_options
 from facepipe.io.images import IMAGE_EXTENSIONS, ImageDecodeError, list_images, read_image
 from facepipe.types import Face
 
@@ -124,11 +133,8 @@ def _visual_path(root: Path, relative: Path) -> Path:
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="IMAGES_OR_DIRS...")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output .jsonl file.")
 @detector_option
-@click.option(
-    "--weights", "--detector-weights", "weights", type=click.Path(dir_okay=False, exists=True), default=None,
-    help="Detector weights (.pth or .onnx); default: the bundled weights where available.",
-)
-@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True, help="Minimum face score.")
+@detect_weights_option
+@min_score_option
 @click.option(
     "--visualize", type=click.Path(file_okay=False, path_type=Path), default=None,
     help="Folder for copies of the images with boxes, scores and landmarks drawn.",
@@ -140,8 +146,8 @@ def detect(
     inputs: tuple[Path, ...],
     out: Path,
     detector: str,
-    weights: str | None,
-    threshold: float,
+    detector_weights: str | None,
+    min_score: float,
     visualize: Path | None,
     device: str,
     threads: int | None,
@@ -159,7 +165,8 @@ def detect(
     sources = collect_inputs(inputs)
     if not sources:
         raise click.UsageError("no image files found in the given inputs")
-    model = build_detector(detector, weights, device, **detector_options(detector, batch_size, threshold))
+    options = pipeline_detector_options(detector, detector_options(detector, batch_size, min_score))
+    model = build_detector(detector, detector_weights, device, **options)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
@@ -177,7 +184,7 @@ def detect(
                     elif isinstance(result, Exception):
                         record["error"] = f"detection failed: {type(result).__name__}: {result}"
                     else:
-                        faces = [f for f in result if f.score >= threshold]
+                        faces = [f for f in result if f.score >= min_score]
                         height, width = item.image.shape[:2]
                         record.update(width=width, height=height, faces=[f.to_dict() for f in faces])
                         n_faces += len(faces)

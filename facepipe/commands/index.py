@@ -6,7 +6,15 @@ from pathlib import Path
 
 import click
 
-from facepipe.commands.common import detector_option, detector_weights_option, device_option, resolve_device, set_threads, threads_option
+from facepipe.commands.common import (
+    detector_option,
+    detector_weights_option,
+    device_option,
+    min_score_option,
+    resolve_device,
+    set_threads,
+    threads_option,
+)
 
 
 @click.group()
@@ -60,12 +68,13 @@ def build(
 @click.option("--ef-search", type=click.IntRange(min=1), default=None, help="HNSW: search breadth.")
 @detector_option
 @detector_weights_option
+@min_score_option
 @device_option
 @threads_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 def search(
     gallery_path: Path, query: Path, k: int, out_path: Path | None, nprobe: int | None, ef_search: int | None,
-    detector: str, detector_weights: str | None, device: str, threads: int | None, batch_size: int,
+    detector: str, detector_weights: str | None, min_score: float, device: str, threads: int | None, batch_size: int,
 ) -> None:
     """Find the K nearest gallery faces of QUERY.
 
@@ -83,7 +92,7 @@ def search(
         gallery = Gallery(gallery_path)
         gallery.set_search_params(nprobe=nprobe, ef_search=ef_search)
         queries = embed_query(query, gallery.info.spec, detector=detector, detector_weights=detector_weights,
-                              device=device, batch_size=batch_size)
+                              min_score=min_score, device=device, batch_size=batch_size)
         if not len(queries.names):
             raise click.ClickException(f"no usable query face in {query}")
         scores, ids = gallery.search(queries.embeddings, k)

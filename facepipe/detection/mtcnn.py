@@ -7,7 +7,8 @@ The cascade (all arithmetic float32, as in the reference):
    i.e. adaptive average pooling; computed here from an integral image, bit-identical and reusable for the
    crops). P-Net proposes 12x12 cells (stride 2) with probability >= ``thresholds[0]``; NMS 0.5 per level,
    NMS 0.7 per image, box regression (offsets times width/height without +1), squared.
-2. R-Net on 24x24 area-resized crops (crop rows ``trunc(y1)-1 .. trunc(y2)`` clamped to the image);
+2. R-Net on 24x24 area-resized crops (crop rows ``trunc(y1)-1 .. trunc(y2)`` clamped to the image; with
+   ``edge_padding="zero"`` not clamped but zero-padded, as the original MTCNN does - see ``crop_windows``);
    probability > ``thresholds[1]``; NMS 0.7; regression (offsets times width/height *with* +1); squared.
 3. O-Net on 48x48 crops; probability > ``thresholds[2]``; landmarks from the O-Net input box
    (``x1 - 1 + (x2 - x1 + 1) * fraction``), then box regression, then the "Min" NMS (overlap divided by the
@@ -47,6 +48,7 @@ from facepipe.types import Face
 from facepipe.weights import bundled
 
 Order = Literal["score", "area"]
+EdgePadding = Literal["stretch", "zero"]
 PNET_CELL = 12
 PNET_STRIDE = 2
 RNET_SIZE = 24
@@ -101,9 +103,18 @@ class IntegralImage:
         return _average(sums, (y1[0] - y0[0])[:, None, None], (x1[0] - x0[0])[:, None])
 
     def crops(self, top: np.ndarray, bottom: np.ndarray, left: np.ndarray, right: np.ndarray, size: int) -> np.ndarray:
-        """Rows ``top:bottom``, columns ``left:right`` of each box, area-resized to ``(K, size, size, 3)`` float32."""
+        """Rows ``top:bottom``, columns ``left:right`` of each box, area-resized to ``(K, size, size, 3)`` float32.
+
+        Spans may reach outside the image: the part outside counts as black (zero) pixels. Clipping each
+        pooling window to the image and still dividing by its full size is exactly zero padding.
+        """
         y0, y1 = _windows(top, bottom, size)
         x0, x1 = _windows(left, right, size)
+        rows, cols = y1 - y0, x1 - x0
+        if top.min(initial=0) < 0 or bottom.max(initial=0) > self.height:
+            y0, y1 = np.clip(y0, 0, self.height), np.clip(y1, 0, self.height)
+        if left.min(initial=0) < 0 or right.max(initial=0) > self.width:
+            x0, x1 = np.clip(x0, 0, self.width), np.clip(x1, 0, self.width)
         flat = self.table.reshape(-1, 3)
         stride = self.width + 1
 
@@ -112,7 +123,7 @@ class IntegralImage:
             return np.take(flat, (rows * stride)[:, :, None] + cols[:, None, :], axis=0)
 
         sums = corner(y1, x1) - corner(y0, x1) - corner(y1, x0) + corner(y0, x0)
-        return _average(sums, (y1 - y0)[:, :, None, None], (x1 - x0)[:, None, :, None])
+        return _average(sums, rows[:, :, None, None], cols[:, None, :, None])
 
 
 def _average(sums: np.ndarray, window_rows: np.ndarray, window_cols: np.ndarray) -> np.ndarray:
@@ -292,14 +303,25 @@ def apply_regression(boxes: np.ndarray, offsets: np.ndarray, plus_one: bool) -> 
     return out
 
 
-def crop_windows(boxes: np.ndarray, width: int, height: int) -> tuple[np.ndarray, ...]:
-    """1-based inclusive box edges truncated to ints and clamped to the image -> 0-based slices, plus validity."""
+def crop_windows(
+    boxes: np.ndarray, width: int, height: int, edge_padding: EdgePadding = "stretch"
+) -> tuple[np.ndarray, ...]:
+    """1-based inclusive box edges truncated to ints -> 0-based spans ``top, bottom, left, right``, plus validity.
+
+    ``"stretch"`` (facenet-pytorch) clamps the spans to the image, so the in-image part of a box that crosses
+    the edge is stretched to the full network input and the face in it is distorted. ``"zero"`` (the original
+    MTCNN's ``pad``: the crop is a box-sized black canvas with the in-image part pasted at its place) keeps the
+    box span; ``IntegralImage.crops`` treats what lies outside as black. A box is valid when it overlaps the
+    image.
+    """
     edges = boxes[:, :4].astype(np.int32)  # truncation toward zero, as the reference
     left = np.maximum(edges[:, 0], 1) - 1
     top = np.maximum(edges[:, 1], 1) - 1
     right = np.minimum(edges[:, 2], width)
     bottom = np.minimum(edges[:, 3], height)
     valid = (bottom > top) & (right > left)
+    if edge_padding == "zero":
+        return edges[:, 1] - 1, edges[:, 3], edges[:, 0] - 1, edges[:, 2], valid
     return top, bottom, left, right, valid
 
 
@@ -352,6 +374,7 @@ class MTCNNDetector:
         batch_size: int = 8,
         crop_batch_size: int = 512,
         pnet_pixels_per_pass: int = 2**18,
+        edge_padding: EdgePadding = "stretch",
     ) -> None:
         if min_face_size <= 0:
             raise ValueError(f"min_face_size must be positive, got {min_face_size}")
@@ -363,6 +386,8 @@ class MTCNNDetector:
             raise ValueError(f"order must be 'score' or 'area', got {order!r}")
         if batch_size < 1 or crop_batch_size < 1:
             raise ValueError("batch sizes must be >= 1")
+        if edge_padding not in ("stretch", "zero"):
+            raise ValueError(f"edge_padding must be 'stretch' or 'zero', got {edge_padding!r}")
         self.device = torch.device(device)
         self.pnet = pnet.eval().to(self.device)
         self.rnet = rnet.eval().to(self.device)
@@ -374,6 +399,7 @@ class MTCNNDetector:
         self.batch_size = batch_size
         self.crop_batch_size = crop_batch_size
         self.pnet_pixels_per_pass = pnet_pixels_per_pass
+        self.edge_padding: EdgePadding = edge_padding
 
     # -------------------------------------------------------------------------------- public API
 
@@ -500,7 +526,7 @@ class MTCNNDetector:
         """Area-resized crops of every candidate of every image, dropping boxes that lie outside the image."""
         kept, crops = [], []
         for integral, cand in zip(integrals, candidates):
-            top, bottom, left, right, valid = crop_windows(cand.boxes, integral.width, integral.height)
+            top, bottom, left, right, valid = crop_windows(cand.boxes, integral.width, integral.height, self.edge_padding)
             cand = cand.take(np.flatnonzero(valid))
             kept.append(cand)
             if valid.any():
@@ -586,7 +612,9 @@ def create_mtcnn(weights: str | os.PathLike | None = None, device: str = "cpu", 
 
     Options: ``min_face_size`` (20), ``thresholds`` ((0.6, 0.7, 0.7)), ``factor`` (0.709),
     ``order`` ("score" | "area"), ``batch_size`` (images processed together, 8), ``crop_batch_size`` (R/O-Net
-    crops per forward pass, 512), ``pnet_pixels_per_pass`` (pyramid-level pixels per P-Net pass, 2**18).
+    crops per forward pass, 512), ``pnet_pixels_per_pass`` (pyramid-level pixels per P-Net pass, 2**18),
+    ``edge_padding`` ("stretch": facenet-pytorch parity | "zero": the original MTCNN, right on faces that fill
+    the frame; see ``crop_windows``).
     """
     unknown = sorted(set(options) - _OPTIONS)
     if unknown:
@@ -596,5 +624,8 @@ def create_mtcnn(weights: str | os.PathLike | None = None, device: str = "cpu", 
 
 
 _OPTIONS = frozenset(
-    {"min_face_size", "thresholds", "factor", "order", "batch_size", "crop_batch_size", "pnet_pixels_per_pass"}
+    {
+        "min_face_size", "thresholds", "factor", "order", "batch_size", "crop_batch_size", "pnet_pixels_per_pass",
+        "edge_padding",
+    }
 )

@@ -151,9 +151,9 @@ class AlignWorker:
     @property
     def detector(self):
         if self._detector is None:
-            from facepipe.detection import create_detector
+            from facepipe.detection import create_detector, pipeline_detector_options
 
-            options = dict(self.config.detector_options)
+            options = pipeline_detector_options(self.config.detector, self.config.detector_options)
             if self.config.detector.startswith("retinaface"):
                 # RetinaFace drops faces under its own threshold (0.5): let --min-score go lower than that.
                 options.setdefault("threshold", self.config.min_score)
