@@ -74,3 +74,31 @@ def test_zero_padding_places_landmarks_of_a_frame_filling_face() -> None:
     padded = cv2.copyMakeBorder(image, border, border, border, border, cv2.BORDER_CONSTANT, value=0)
     bordered = create_detector("mtcnn").detect([padded])[0][0].landmarks - border
     assert _mean_landmark_error(zero, bordered) < 3
+
+
+def test_align_and_detect_commands_use_zero_padding_for_mtcnn(tmp_path) -> None:
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from facepipe.cli import main
+    from facepipe.pipeline.align import AlignConfig, run_align
+    from facepipe.pipeline.manifest import read_manifest
+    from facepipe.pipeline.sources import directory_source
+
+    source = tmp_path / "in"
+    source.mkdir()
+    shutil.copy(shared_path(FRAME_FILLING), source / "face.jpg")
+    image = read_image(source / "face.jpg")
+    reference = create_detector("retinaface").detect([image])[0][0].landmarks
+
+    summary = run_align(AlignConfig(detector="mtcnn"), directory_source(source), tmp_path / "aligned", workers=0, progress=False)
+    (row,) = read_manifest(summary.manifest_path)
+    assert np.abs(np.asarray(row.landmarks[0]).reshape(5, 2) - reference).mean() < 5
+
+    out = tmp_path / "faces.jsonl"
+    result = CliRunner().invoke(main, ["detect", str(source), "--out", str(out), "--detector", "mtcnn"])
+    assert result.exit_code == 0, result.output
+    (face,) = json.loads(out.read_text())["faces"][:1]
+    assert np.abs(np.asarray(face["landmarks"]) - reference).mean() < 5
