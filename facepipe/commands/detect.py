@@ -41,17 +41,35 @@ class LoadedImage:
 
 
 def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[InputImage]:
-    """Files as given, folders walked recursively for image files; output names unique per run."""
+    """Files as given, folders walked recursively for image files.
+
+    Output names mirror the input tree below the folder that holds all inputs (one folder given: its own
+    tree), so same-named files from different folders keep their folders; a file given twice gets ``_1``.
+    """
+    given_paths = [Path(p) for p in inputs]
+    base = _common_folder(given_paths)
     found: list[InputImage] = []
     taken: set[Path] = set()
-    for given in map(Path, inputs):
-        if given.is_dir():
-            pairs = [(p, p.relative_to(given)) for p in list_images(given)]
-        else:  # a file, or a missing path that will be reported as an error line
-            pairs = [(given, Path(given.name))]
-        for path, relative in pairs:
-            found.append(InputImage(path, _unique(relative, taken)))
+    for given in given_paths:
+        paths = list_images(given) if given.is_dir() else [given]  # a missing file is reported as an error line
+        for path in paths:
+            found.append(InputImage(path, _unique(_relative_to(path, base), taken)))
     return found
+
+
+def _common_folder(given: Sequence[Path]) -> Path | None:
+    folders = [os.path.abspath(p if p.is_dir() else p.parent) for p in given]
+    try:
+        return Path(os.path.commonpath(folders)) if folders else None
+    except ValueError:  # different drives
+        return None
+
+
+def _relative_to(path: Path, base: Path | None) -> Path:
+    absolute = Path(os.path.abspath(path))
+    if base is not None and absolute.is_relative_to(base):
+        return absolute.relative_to(base)
+    return Path(path.name)
 
 
 def _unique(relative: Path, taken: set[Path]) -> Path:
@@ -158,9 +176,10 @@ def detect(
     Writes one JSON line per image: {"path", "width", "height", "faces": [{"box": [x1, y1, x2, y2], "score",
     "landmarks": [[x, y] x 5]}]}; an unreadable image gets {"path", "error"} and the run goes on. The file
     appears under its name only when the run is complete.
-    """
-    from facepipe.visualize import draw_faces, save_image
 
+    --visualize mirrors the input tree (below the folder holding all inputs) with the detections drawn; a
+    picture that cannot be written (e.g. its name is too long) adds "visualize_error" to its line.
+    """
     set_threads(threads)
     sources = collect_inputs(inputs)
     if not sources:
@@ -169,8 +188,13 @@ def detect(
     model = build_detector(detector, detector_weights, device, **options)
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    if visualize is not None:
+        try:
+            visualize.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise click.BadParameter(f"cannot create {visualize}: {exc.strerror or exc}", param_hint="--visualize") from None
     partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
-    n_faces = n_errors = 0
+    n_faces = n_errors = n_unwritten = 0
     try:
         with open(partial, "w") as handle, tqdm(total=len(sources), unit="img", desc="detect") as progress:
             for batch in iter_loaded_batches(sources, batch_size):
@@ -189,7 +213,10 @@ def detect(
                         record.update(width=width, height=height, faces=[f.to_dict() for f in faces])
                         n_faces += len(faces)
                         if visualize is not None:
-                            save_image(_visual_path(visualize, item.source.relative), draw_faces(item.image, faces))
+                            problem = _save_picture(_visual_path(visualize, item.source.relative), item.image, faces)
+                            if problem is not None:
+                                record["visualize_error"] = problem
+                                n_unwritten += 1
                     n_errors += "error" in record
                     handle.write(json.dumps(record) + "\n")
                 progress.update(len(batch))
@@ -198,3 +225,17 @@ def detect(
         partial.unlink(missing_ok=True)
         raise
     click.echo(f"{len(sources)} images, {n_faces} faces, {n_errors} errors -> {out}", err=True)
+    if n_unwritten:
+        click.echo(f"{n_unwritten} pictures could not be written under {visualize} (see 'visualize_error' in {out})", err=True)
+
+
+def _save_picture(path: Path, image: np.ndarray, faces: list[Face]) -> str | None:
+    """Draw and save one picture; a problem with this one file (name too long, disk full) is returned, not raised."""
+    from facepipe.visualize import draw_faces, save_image
+
+    try:
+        save_image(path, draw_faces(image, faces))
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return f"cannot write {path}: {reason}"
+    return None
