@@ -83,6 +83,7 @@ def search(
     """
     from facepipe.index.gallery import Gallery, GalleryError
     from facepipe.index.query import QueryError, embed_query
+    from facepipe.index.thresholds import CALIBRATE_HINT, calibration_for
 
     device = resolve_device(device)
     set_threads(threads)
@@ -99,9 +100,13 @@ def search(
         table = gallery.results_table(queries.names, scores, ids, queries.details)
     except (GalleryError, QueryError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
+    spec = gallery.info.spec
+    calibration = calibration_for(spec.get("model"), spec.get("weights"))
+    guidance = f"score = cosine similarity; {calibration.describe() if calibration else CALIBRATE_HINT}"
     if out_path is None:
         with_cols = ["query", "rank", "score", "identity", "path"]
         click.echo(table[with_cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        click.echo(guidance, err=True)
         return
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
@@ -111,3 +116,4 @@ def search(
         table.to_parquet(tmp, index=False)
     tmp.replace(out_path)
     click.echo(f"{len(queries.names)} queries, top {k}: {out_path}")
+    click.echo(guidance, err=True)
