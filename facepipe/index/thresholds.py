@@ -39,10 +39,10 @@ class Calibration:
     provenance: dict[str, Any]
 
     def describe(self) -> str:
-        parts = [f"{float(far):.0e}: {self.thresholds[far]:.3f} (TAR {self.tar[far]:.3f})" for far in self.thresholds]
+        parts = [f"{self.thresholds[far]:.3f} (FAR {far}, TAR {self.tar[far]:.3f})" for far in self.thresholds]
         return (
-            f"same person above cosine threshold at FAR {'; '.join(parts)}; "
-            f"measured on {self.provenance.get('data', 'CFP')} ({self.provenance.get('date', '?')})"
+            f"same person if score > {' or '.join(parts)}; thresholds measured on "
+            f"{self.provenance.get('data', 'CFP')} ({self.provenance.get('date', '?')})"
         )
 
 

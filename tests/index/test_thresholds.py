@@ -64,8 +64,8 @@ def test_index_search_says_what_score_means_same_person(tmp_path) -> None:
     result = _invoke("index", "search", gallery, tmp_path / "emb", "--k", "1")
     assert result.exit_code == 0, result.output
     expected = calibration_for("mobilefacenet", None)
-    assert f"FAR 1e-03: {expected.thresholds['1e-03']:.3f}" in result.output
-    assert f"1e-04: {expected.thresholds['1e-04']:.3f}" in result.output
+    assert f"same person if score > {expected.thresholds['1e-03']:.3f} (FAR 1e-03" in result.output
+    assert f"or {expected.thresholds['1e-04']:.3f} (FAR 1e-04" in result.output
 
     sidecar = next(p for p in tmp_path.iterdir() if p.name.startswith("g.faiss") and p.suffix == ".json")
     settings = json.loads(sidecar.read_text())
