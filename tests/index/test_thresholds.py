@@ -76,3 +76,10 @@ def test_index_search_says_what_score_means_same_person(tmp_path) -> None:
     result = _invoke("index", "search", gallery, tmp_path / "emb", "--k", "1", "--out", tmp_path / "r.csv")
     assert result.exit_code == 0, result.output
     assert "eval/calibrate_thresholds.py" in result.output
+
+
+def test_the_shared_faceplugin_onnx_is_recognised_by_its_weights_file() -> None:
+    weights = shared_path("weights", "mobilefacenet", "faceplugin_fr_feature_512d.onnx")
+    calibration = calibration_for("onnx", weights)
+    assert calibration is not None and calibration.key.startswith("sha256:")
+    assert 0 < calibration.thresholds["1e-03"] < calibration.thresholds["1e-04"] < 1
