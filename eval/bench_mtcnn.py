@@ -15,6 +15,7 @@ Each figure is the median of ``--runs`` timed calls after ``--warmup`` untimed o
 configurations take turns, so a change of load hits all of them alike.
 
     .venv/bin/python eval/bench_mtcnn.py --runs 5 --threads 1
+    .venv/bin/python eval/bench_mtcnn.py --cfp 40 --runs 3      # padded CFP: the compare-detectors workload
 
 Figures are only comparable within one run; on a shared, loaded machine they are noisy.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -133,6 +135,51 @@ def max_difference(a: Result, b: Result) -> str:
     return f"max |diff| box {np.abs(a[0] - b[0]).max(initial=0):.1e} px, prob {np.abs(a[1] - b[1]).max(initial=0):.1e}"
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def padded_cfp(count: int, pad: float = 0.25) -> list[np.ndarray]:
+    files = sorted((ASSETS / "cfp" / "cfp-dataset" / "Data" / "Images").glob("*/frontal/01.jpg"))[:count]
+    images = []
+    for path in files:
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        border = int(pad * max(image.shape[:2]))
+        images.append(cv2.copyMakeBorder(image, border, border, border, border, cv2.BORDER_CONSTANT, value=0))
+    return images
+
+
+def bench_cfp(args: argparse.Namespace) -> None:
+    """Whole passes over N padded CFP images, one image per call, configurations in turns; median seconds."""
+    torch.set_num_threads(args.threads)
+    images = padded_cfp(args.cfp)
+    det = create_mtcnn(order="area")
+    configs: dict[str, Callable[[], object]] = {
+        "facepipe": lambda: [det.detect([image]) for image in images],
+        "straightforward": lambda: [straightforward_detect(det, image) for image in images],
+    }
+    reference = facenet_pytorch_detect()
+    if reference is not None:
+        configs["facenet-pytorch"] = lambda: [reference(image) for image in images]
+    with torch.inference_mode():
+        ours = [det.detect_arrays([image])[0] for image in images]
+        theirs = [straightforward_detect(det, image) for image in images]
+        timings = time_round_robin(configs, args.runs, args.warmup)
+    worst = max((np.abs(a[0] - b[0]).max(initial=0) for a, b in zip(ours, theirs) if a[0].shape == b[0].shape), default=0)
+    same = sum(a[0].shape == b[0].shape for a, b in zip(ours, theirs))
+    print(f"{len(images)} padded CFP frontal images, torch threads {args.threads}, median of {args.runs} passes")
+    base = timings["facepipe"]
+    for name, seconds in timings.items():
+        print(f"{name:<20}{seconds / 1000:>8.2f} s{len(images) * 1000 / seconds:>8.2f} img/s{seconds / base:>8.2f}x facepipe's time")
+    print(f"same face count on {same}/{len(images)} images, max box difference {worst:.1e} px")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--image", type=Path, default=ASSETS / "images" / "group" / "t1.jpg")
@@ -140,7 +187,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=8, help="images per call in the batched configuration")
+    parser.add_argument("--cfp", type=int, default=0, metavar="N",
+                        help="instead of --image: the first N CFP frontal images with eval cfp's black border (0.25), "
+                             "the workload of `facepipe eval compare-detectors`; one image per call")
     args = parser.parse_args()
+    print(f"CPU: {cpu_name()}")
+    if args.cfp:
+        bench_cfp(args)
+        return
 
     torch.set_num_threads(args.threads)
     image = cv2.imread(str(args.image), cv2.IMREAD_COLOR)

@@ -24,33 +24,46 @@ LANDMARK_COLORS: dict[str, tuple[int, int, int]] = {
 assert tuple(LANDMARK_COLORS) == LANDMARK_NAMES
 
 
-def _line_width(image: np.ndarray) -> int:
-    return max(1, round(max(image.shape[:2]) / 500))
+# Marks scale with each face so that crowds stay readable: a fixed-size label covers a small face entirely.
+MIN_LABELLED_SIDE = 40  # px; a smaller face gets no label: its text (under 8 px) would be unreadable
+LABEL_HEIGHT = 1 / 5  # text height, of the face's shorter side
+LINE_WIDTH = 1 / 60  # of the face's shorter side, at least 1 px
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+_FONT_HEIGHT = cv2.getTextSize("0.99", _FONT, 1.0, 1)[0][1]  # text height at font scale 1
 
 
 def draw_faces(image: np.ndarray, faces: Sequence[Face], show_scores: bool = True) -> np.ndarray:
-    """A copy of the BGR ``image`` with each face's box, score and landmarks drawn."""
+    """A copy of the BGR ``image`` with each face's box, score and landmarks drawn, sized to the face."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected a uint8 (H, W, 3) BGR image, got {image.dtype} {image.shape}")
     canvas = image.copy()
-    width = _line_width(image)
-    radius = width + 1
-    font_scale = max(0.4, width * 0.4)
-    for face in faces:
+    # Small faces first, so that a large face's label is not painted over by its small neighbours' boxes.
+    for face in sorted(faces, key=_face_side):
+        side = _face_side(face)
+        width = max(1, round(side * LINE_WIDTH))
         x1, y1, x2, y2 = (int(round(float(v))) for v in face.box)
         cv2.rectangle(canvas, (x1, y1), (x2, y2), BOX_COLOR, width, cv2.LINE_8)
-        if show_scores:
-            text = f"{face.score:.2f}"
-            (tw, th), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
-            top = y1 - th - baseline - 2 if y1 - th - baseline - 2 >= 0 else y1  # inside the box at the top edge
-            cv2.rectangle(canvas, (x1, top), (x1 + tw + 2, top + th + baseline + 2), BOX_COLOR, cv2.FILLED)
-            cv2.putText(
-                canvas, text, (x1 + 1, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), 1, cv2.LINE_AA
-            )
+        if show_scores and side >= MIN_LABELLED_SIDE:
+            _draw_label(canvas, f"{face.score:.2f}", x1, y1, side * LABEL_HEIGHT / _FONT_HEIGHT)
         for (x, y), name in zip(face.landmarks, LANDMARK_NAMES):
             centre = (int(round(float(x))), int(round(float(y))))
-            cv2.circle(canvas, centre, radius, LANDMARK_COLORS[name], cv2.FILLED, cv2.LINE_8)
+            cv2.circle(canvas, centre, width + 1, LANDMARK_COLORS[name], cv2.FILLED, cv2.LINE_8)
     return canvas
+
+
+def _face_side(face: Face) -> float:
+    x1, y1, x2, y2 = (float(v) for v in face.box)
+    return max(0.0, min(x2 - x1, y2 - y1))
+
+
+def _draw_label(canvas: np.ndarray, text: str, x: int, y: int, font_scale: float) -> None:
+    """Black ``text`` on a box-coloured plate above ``(x, y)``, or just inside the box at the image's top edge."""
+    thickness = max(1, round(font_scale * 1.5))
+    (tw, th), baseline = cv2.getTextSize(text, _FONT, font_scale, thickness)
+    plate = th + baseline + 2
+    top = y - plate if y - plate >= 0 else y
+    cv2.rectangle(canvas, (x, top), (x + tw + 2, top + plate), BOX_COLOR, cv2.FILLED)
+    cv2.putText(canvas, text, (x + 1, top + th + 1), _FONT, font_scale, (0, 0, 0), thickness, cv2.LINE_AA)
 
 
 def save_image(path: str | os.PathLike, image: np.ndarray) -> None:

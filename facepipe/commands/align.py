@@ -12,6 +12,7 @@ from facepipe.commands.common import (
     detector_option,
     detector_weights_option,
     device_option,
+    min_score_option,
     pack_option,
     resolve_device,
 )
@@ -40,7 +41,7 @@ def _parse_size(value: str) -> int | tuple[int, int]:
 @click.option("--size", default="112", show_default=True, help="Crop size: 112, a multiple of 112 or 128, or 112x96.")
 @click.option("--keep", type=click.Choice(["largest", "center", "best", "all"]), default="largest", show_default=True,
               help="Which face(s) to crop per image; 'all' writes name_0, name_1, ...")
-@click.option("--min-score", type=float, default=0.5, show_default=True, help="Ignore detections scoring below this.")
+@min_score_option
 @click.option("--landmarks", "landmarks_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Align from 5-point landmarks in a file (SphereFace LFW or IJB-C name_5pts_score format) instead of detecting.")
 @click.option("--retry-padded/--no-retry-padded", default=False, show_default=True,

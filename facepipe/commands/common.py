@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any, Callable
 
 import click
 import torch
@@ -12,14 +13,50 @@ import torch
 from facepipe.detection.base import DETECTOR_NAMES
 from facepipe.embedding.base import EMBEDDER_NAMES
 
+
+class AliasedOption(click.Option):
+    """An option that also accepts older spellings (``hidden_aliases``) without showing them in --help."""
+
+    def __init__(self, *args: Any, hidden_aliases: tuple[str, ...] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hidden_aliases = tuple(hidden_aliases)
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        shown = self.opts
+        self.opts = [opt for opt in shown if opt not in self.hidden_aliases]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = shown
+
+
+def aliased_option(*param_decls: str, hidden_aliases: tuple[str, ...] = (), **attrs: Any) -> Callable:
+    """``click.option`` whose ``hidden_aliases`` (old spellings) still work but are not advertised."""
+    return click.option(*param_decls, *hidden_aliases, cls=AliasedOption, hidden_aliases=hidden_aliases, **attrs)
+
+
+# One spelling per meaning across commands (old spellings stay accepted as hidden aliases):
+#   --min-score          the face score below which detections are ignored (was --threshold in detect);
+#   --detector-weights   the face detector's weights (was --weights in detect);
+#   --weights            the embedding model's weights (embed, eval, index);
+#   $FACEPIPE_HOME       the cache folder (facepipe.models.checkpoint.cache_dir; $FACEPIPE_CACHE is a fallback).
 detector_option = click.option(
     "--detector", type=click.Choice(DETECTOR_NAMES), default="retinaface", show_default=True,
     help="Face detector. 'retinaface' uses the bundled MobileNet-0.25 weights; 'scrfd' needs an insightface "
     "SCRFD .onnx (--detector-weights) or a model pack (--pack, where offered).",
 )
-detector_weights_option = click.option(
+detector_weights_option = aliased_option(
     "--detector-weights", "detector_weights", type=click.Path(dir_okay=False), default=None,
     help="Detector weights file (.pth or .onnx); default: bundled weights where available.",
+)
+# detect has no embedding model, and it spelled the detector weights --weights: keep that working there.
+detect_weights_option = aliased_option(
+    "--detector-weights", "detector_weights", hidden_aliases=("--weights",), type=click.Path(dir_okay=False, exists=True),
+    default=None, help="Detector weights file (.pth or .onnx); default: bundled weights where available.",
+)
+min_score_option = aliased_option(
+    "--min-score", "min_score", hidden_aliases=("--threshold",), type=click.FloatRange(0.0, 1.0), default=0.5,
+    show_default=True, help="Minimum face score: detections scoring below it are ignored.",
 )
 model_option = click.option(
     "--model", type=click.Choice(EMBEDDER_NAMES), default="mobilefacenet", show_default=True,
@@ -28,6 +65,11 @@ model_option = click.option(
 pack_option = click.option(
     "--pack", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
     help="insightface model-pack folder (buffalo_l, buffalo_s, antelopev2, ...): its SCRFD graph is the detector.",
+)
+weights_option = click.option(
+    "--weights", type=click.Path(exists=True, dir_okay=False), default=None,
+    help="Embedding model weights: backbone.pth / model.pt for iresnet*, a .onnx file for --model onnx "
+    "[default: the bundled weights for mobilefacenet].",
 )
 device_option = click.option(
     "--device", type=str, default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.",

@@ -15,13 +15,16 @@ from tqdm import tqdm
 
 from facepipe.commands.common import (
     apply_pack,
+    detect_weights_option,
     detector_option,
     device_option,
+    min_score_option,
     pack_option,
     resolve_device,
     set_threads,
     threads_option,
 )
+from facepipe.detection.base import pipeline_detector_options
 from facepipe.io.images import IMAGE_EXTENSIONS, ImageDecodeError, list_images, read_image
 from facepipe.types import Face
 
@@ -40,17 +43,35 @@ class LoadedImage:
 
 
 def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[InputImage]:
-    """Files as given, folders walked recursively for image files; output names unique per run."""
+    """Files as given, folders walked recursively for image files.
+
+    Output names mirror the input tree below the folder that holds all inputs (one folder given: its own
+    tree), so same-named files from different folders keep their folders; a file given twice gets ``_1``.
+    """
+    given_paths = [Path(p) for p in inputs]
+    base = _common_folder(given_paths)
     found: list[InputImage] = []
     taken: set[Path] = set()
-    for given in map(Path, inputs):
-        if given.is_dir():
-            pairs = [(p, p.relative_to(given)) for p in list_images(given)]
-        else:  # a file, or a missing path that will be reported as an error line
-            pairs = [(given, Path(given.name))]
-        for path, relative in pairs:
-            found.append(InputImage(path, _unique(relative, taken)))
+    for given in given_paths:
+        paths = list_images(given) if given.is_dir() else [given]  # a missing file is reported as an error line
+        for path in paths:
+            found.append(InputImage(path, _unique(_relative_to(path, base), taken)))
     return found
+
+
+def _common_folder(given: Sequence[Path]) -> Path | None:
+    folders = [os.path.abspath(p if p.is_dir() else p.parent) for p in given]
+    try:
+        return Path(os.path.commonpath(folders)) if folders else None
+    except ValueError:  # different drives
+        return None
+
+
+def _relative_to(path: Path, base: Path | None) -> Path:
+    absolute = Path(os.path.abspath(path))
+    if base is not None and absolute.is_relative_to(base):
+        return absolute.relative_to(base)
+    return Path(path.name)
 
 
 def _unique(relative: Path, taken: set[Path]) -> Path:
@@ -141,12 +162,9 @@ def _visual_path(root: Path, relative: Path) -> Path:
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="IMAGES_OR_DIRS...")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output .jsonl file.")
 @detector_option
-@click.option(
-    "--weights", "--detector-weights", "weights", type=click.Path(dir_okay=False, exists=True), default=None,
-    help="Detector weights (.pth or .onnx); default: the bundled weights where available.",
-)
+@detect_weights_option
 @pack_option
-@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True, help="Minimum face score.")
+@min_score_option
 @click.option(
     "--visualize", type=click.Path(file_okay=False, path_type=Path), default=None,
     help="Folder for copies of the images with boxes, scores and landmarks drawn.",
@@ -158,9 +176,9 @@ def detect(
     inputs: tuple[Path, ...],
     out: Path,
     detector: str,
-    weights: str | None,
+    detector_weights: str | None,
     pack: Path | None,
-    threshold: float,
+    min_score: float,
     visualize: Path | None,
     device: str,
     threads: int | None,
@@ -171,19 +189,26 @@ def detect(
     Writes one JSON line per image: {"path", "width", "height", "faces": [{"box": [x1, y1, x2, y2], "score",
     "landmarks": [[x, y] x 5]}]}; an unreadable image gets {"path", "error"} and the run goes on. The file
     appears under its name only when the run is complete.
-    """
-    from facepipe.visualize import draw_faces, save_image
 
+    --visualize mirrors the input tree (below the folder holding all inputs) with the detections drawn; a
+    picture that cannot be written (e.g. its name is too long) adds "visualize_error" to its line.
+    """
     set_threads(threads)
-    detector, weights = apply_pack(pack, detector, weights)
+    detector, detector_weights = apply_pack(pack, detector, detector_weights)
     sources = collect_inputs(inputs)
     if not sources:
         raise click.UsageError("no image files found in the given inputs")
-    model = build_detector(detector, weights, device, **detector_options(detector, batch_size, threshold))
+    options = pipeline_detector_options(detector, detector_options(detector, batch_size, min_score))
+    model = build_detector(detector, detector_weights, device, **options)
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    if visualize is not None:
+        try:
+            visualize.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise click.BadParameter(f"cannot create {visualize}: {exc.strerror or exc}", param_hint="--visualize") from None
     partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
-    n_faces = n_errors = 0
+    n_faces = n_errors = n_unwritten = 0
     try:
         with open(partial, "w") as handle, tqdm(total=len(sources), unit="img", desc="detect") as progress:
             for batch in iter_loaded_batches(sources, batch_size):
@@ -197,12 +222,15 @@ def detect(
                     elif isinstance(result, Exception):
                         record["error"] = f"detection failed: {type(result).__name__}: {result}"
                     else:
-                        faces = [f for f in result if f.score >= threshold]
+                        faces = [f for f in result if f.score >= min_score]
                         height, width = item.image.shape[:2]
                         record.update(width=width, height=height, faces=[f.to_dict() for f in faces])
                         n_faces += len(faces)
                         if visualize is not None:
-                            save_image(_visual_path(visualize, item.source.relative), draw_faces(item.image, faces))
+                            problem = _save_picture(_visual_path(visualize, item.source.relative), item.image, faces)
+                            if problem is not None:
+                                record["visualize_error"] = problem
+                                n_unwritten += 1
                     n_errors += "error" in record
                     handle.write(json.dumps(record) + "\n")
                 progress.update(len(batch))
@@ -211,3 +239,17 @@ def detect(
         partial.unlink(missing_ok=True)
         raise
     click.echo(f"{len(sources)} images, {n_faces} faces, {n_errors} errors -> {out}", err=True)
+    if n_unwritten:
+        click.echo(f"{n_unwritten} pictures could not be written under {visualize} (see 'visualize_error' in {out})", err=True)
+
+
+def _save_picture(path: Path, image: np.ndarray, faces: list[Face]) -> str | None:
+    """Draw and save one picture; a problem with this one file (name too long, disk full) is returned, not raised."""
+    from facepipe.visualize import draw_faces, save_image
+
+    try:
+        save_image(path, draw_faces(image, faces))
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return f"cannot write {path}: {reason}"
+    return None

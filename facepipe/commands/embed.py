@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from facepipe.commands.common import device_option, model_option, resolve_device, set_threads, threads_option
+from facepipe.commands.common import device_option, model_option, resolve_device, set_threads, threads_option, weights_option
 from facepipe.engine.cli_options import engine_option, engine_options, num_gpus_option, ray_address_option
 
 
@@ -15,8 +15,7 @@ from facepipe.engine.cli_options import engine_option, engine_options, num_gpus_
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Embedding folder: shards/emb-NNNNNN.npy, manifest.parquet, run.json.")
 @model_option
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Weights: backbone.pth / model.pt for iresnet*, a .onnx file for --model onnx.")
+@weights_option
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Add the embedding of the mirrored crop.")
 @click.option("--normalize/--raw", "normalize", default=True, show_default=True,
               help="Store L2-normalised vectors (the raw norm is kept in the manifest either way) or raw ones.")

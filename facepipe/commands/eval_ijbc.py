@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from facepipe.commands.common import device_option, model_option, resolve_device, set_threads, threads_option
+from facepipe.commands.common import device_option, model_option, resolve_device, set_threads, threads_option, weights_option
 from facepipe.detection.base import DETECTOR_NAMES
 from facepipe.engine.cli_options import engine_option, engine_options, num_gpus_option, ray_address_option
 from facepipe.engine.local import run_job
@@ -26,7 +26,7 @@ DETECTOR_CHOICES = ("given",) + DETECTOR_NAMES
 )
 @click.option("--output", "-o", "output_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for tar_far.json, table.md, roc.png (accumulated over calls: results.json) and scores/*.npy.")
 @model_option
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None, help="Embedding weights (default: bundled for mobilefacenet).")
+@weights_option
 @click.option(
     "--detector", "detectors", type=click.Choice(DETECTOR_CHOICES), multiple=True, default=("given",), show_default=True,
     help="'given' aligns from the data set's five points; a detector re-detects each loose crop and uses its score as "

@@ -23,23 +23,23 @@ from facepipe.commands.common import (
     detector_option,
     detector_weights_option,
     device_option,
+    min_score_option,
     model_option,
     resolve_device,
     set_threads,
     threads_option,
+    weights_option,
 )
 from facepipe.detection.base import DETECTOR_NAMES
 from facepipe.evaluation.verification_runs import DETECTOR_TITLES, VerificationRunError, block_title, summary_line
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("FACEPIPE_CACHE", Path.home() / ".cache" / "facepipe")) / "verification"
+    from facepipe.models.checkpoint import cache_dir
+
+    return cache_dir() / "verification"
 
 
-weights_option = click.option(
-    "--weights", type=click.Path(dir_okay=False, exists=True), default=None,
-    help="Embedding model weights (default: bundled weights where available).",
-)
 batch_size_option = click.option(
     "--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
     help="Images per detector / embedder batch (raise it on a GPU).",
@@ -55,7 +55,7 @@ limit_option = click.option(
 cache_options = [
     click.option(
         "--cache-dir", type=click.Path(file_okay=False), default=None,
-        help="Feature cache folder (default $FACEPIPE_CACHE/verification or ~/.cache/facepipe/verification).",
+        help="Feature cache folder (default $FACEPIPE_HOME/verification or ~/.cache/facepipe/verification).",
     ),
     click.option("--no-cache", is_flag=True, help="Do not read or write the feature cache."),
 ]
@@ -63,10 +63,6 @@ pad_option = click.option(
     "--pad", type=click.FloatRange(0, 2), default=0.25, show_default=True,
     help="Black border added before detection, as a fraction of the longer image side. Faces that fill the frame "
          "are located better (CFP split 1, RetinaFace: FF 99.29 -> 99.57 %); MTCNN needs it (FF 83.3 -> 99.3 %).",
-)
-min_score_option = click.option(
-    "--min-score", type=click.FloatRange(0, 1), default=0.5, show_default=True,
-    help="Detections below this score are ignored when choosing the face.",
 )
 
 

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import click
 
-from facepipe.commands.common import detector_option, detector_weights_option, device_option, resolve_device, set_threads, threads_option
+from facepipe.commands.common import (
+    detector_option,
+    detector_weights_option,
+    device_option,
+    min_score_option,
+    resolve_device,
+    set_threads,
+    threads_option,
+)
 
 
 @click.group()
@@ -60,12 +68,13 @@ def build(
 @click.option("--ef-search", type=click.IntRange(min=1), default=None, help="HNSW: search breadth.")
 @detector_option
 @detector_weights_option
+@min_score_option
 @device_option
 @threads_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 def search(
     gallery_path: Path, query: Path, k: int, out_path: Path | None, nprobe: int | None, ef_search: int | None,
-    detector: str, detector_weights: str | None, device: str, threads: int | None, batch_size: int,
+    detector: str, detector_weights: str | None, min_score: float, device: str, threads: int | None, batch_size: int,
 ) -> None:
     """Find the K nearest gallery faces of QUERY.
 
@@ -74,6 +83,7 @@ def search(
     """
     from facepipe.index.gallery import Gallery, GalleryError
     from facepipe.index.query import QueryError, embed_query
+    from facepipe.index.thresholds import CALIBRATE_HINT, calibration_for
 
     device = resolve_device(device)
     set_threads(threads)
@@ -83,16 +93,20 @@ def search(
         gallery = Gallery(gallery_path)
         gallery.set_search_params(nprobe=nprobe, ef_search=ef_search)
         queries = embed_query(query, gallery.info.spec, detector=detector, detector_weights=detector_weights,
-                              device=device, batch_size=batch_size)
+                              min_score=min_score, device=device, batch_size=batch_size)
         if not len(queries.names):
             raise click.ClickException(f"no usable query face in {query}")
         scores, ids = gallery.search(queries.embeddings, k)
         table = gallery.results_table(queries.names, scores, ids, queries.details)
     except (GalleryError, QueryError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
+    spec = gallery.info.spec
+    calibration = calibration_for(spec.get("model"), spec.get("weights"))
+    guidance = f"score = cosine similarity; {calibration.describe() if calibration else CALIBRATE_HINT}"
     if out_path is None:
         with_cols = ["query", "rank", "score", "identity", "path"]
         click.echo(table[with_cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        click.echo(guidance, err=True)
         return
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
@@ -102,3 +116,4 @@ def search(
         table.to_parquet(tmp, index=False)
     tmp.replace(out_path)
     click.echo(f"{len(queries.names)} queries, top {k}: {out_path}")
+    click.echo(guidance, err=True)

@@ -60,3 +60,16 @@ def create_detector(
         raise ValueError(f"unknown detector {name!r}; choose from {', '.join(DETECTOR_NAMES)}") from None
     factory = getattr(importlib.import_module(module_name), factory_name)
     return factory(weights=weights, device=device, **options)
+
+
+# Detector options the whole-dataset commands (detect, align, embed --detect) use unless the user sets them.
+# MTCNN: zero-pad boxes that cross the image edge like the original MTCNN; facenet-pytorch's stretch (the
+# library default, kept for parity) puts landmarks 20-100 px off on faces that fill the frame (CFP frontal).
+_PIPELINE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mtcnn": {"edge_padding": "zero"},
+}
+
+
+def pipeline_detector_options(name: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``options`` completed with the per-detector defaults for whole-dataset runs; given options win."""
+    return {**_PIPELINE_DEFAULTS.get(name, {}), **(options or {})}

@@ -7,7 +7,8 @@ The cascade (all arithmetic float32, as in the reference):
    i.e. adaptive average pooling; computed here from an integral image, bit-identical and reusable for the
    crops). P-Net proposes 12x12 cells (stride 2) with probability >= ``thresholds[0]``; NMS 0.5 per level,
    NMS 0.7 per image, box regression (offsets times width/height without +1), squared.
-2. R-Net on 24x24 area-resized crops (crop rows ``trunc(y1)-1 .. trunc(y2)`` clamped to the image);
+2. R-Net on 24x24 area-resized crops (crop rows ``trunc(y1)-1 .. trunc(y2)`` clamped to the image; with
+   ``edge_padding="zero"`` not clamped but zero-padded, as the original MTCNN does - see ``crop_windows``);
    probability > ``thresholds[1]``; NMS 0.7; regression (offsets times width/height *with* +1); squared.
 3. O-Net on 48x48 crops; probability > ``thresholds[2]``; landmarks from the O-Net input box
    (``x1 - 1 + (x2 - x1 + 1) * fraction``), then box regression, then the "Min" NMS (overlap divided by the
@@ -47,6 +48,7 @@ from facepipe.types import Face
 from facepipe.weights import bundled
 
 Order = Literal["score", "area"]
+EdgePadding = Literal["stretch", "zero"]
 PNET_CELL = 12
 PNET_STRIDE = 2
 RNET_SIZE = 24
@@ -91,19 +93,37 @@ class IntegralImage:
         exact_in_int32 = self.height * self.width <= INT32_SAFE_PIXELS
         self.table = cv2.integral(rgb, sdepth=cv2.CV_32S if exact_in_int32 else cv2.CV_64F)
 
-    def resize(self, out_height: int, out_width: int) -> np.ndarray:
-        """The whole image area-resized to ``(out_height, out_width, 3)`` float32."""
-        y0, y1 = _windows(np.zeros(1, np.int64), np.array([self.height]), out_height)
-        x0, x1 = _windows(np.zeros(1, np.int64), np.array([self.width]), out_width)
+    def resize(self, out_height: int, out_width: int, rows: slice = slice(None), cols: slice = slice(None)) -> np.ndarray:
+        """The whole image area-resized to ``(out_height, out_width, 3)`` float32, or its ``rows`` x ``cols`` part."""
+        y0, y1 = (w[0][rows] for w in _windows(np.zeros(1, np.int64), np.array([self.height]), out_height))
+        x0, x1 = (w[0][cols] for w in _windows(np.zeros(1, np.int64), np.array([self.width]), out_width))
         # Separable gathers: whole rows first (cheap contiguous copies), then columns of the smaller result.
-        row_sums = self.table[y1[0]] - self.table[y0[0]]
-        sums = row_sums[:, x1[0]] - row_sums[:, x0[0]]
-        return _average(sums, (y1[0] - y0[0])[:, None, None], (x1[0] - x0[0])[:, None])
+        row_sums = self.table[y1] - self.table[y0]
+        sums = row_sums[:, x1] - row_sums[:, x0]
+        return _average(sums, (y1 - y0)[:, None, None], (x1 - x0)[:, None])
+
+    def content_box(self) -> tuple[int, int, int, int]:
+        """``(top, bottom, left, right)`` span of the rows and columns holding a non-black pixel (all 0 if none)."""
+        last_column, last_row = self.table[:, -1].sum(axis=1), self.table[-1].sum(axis=1)
+        rows = np.flatnonzero(np.diff(last_column) != 0)  # pixels are >= 0: a row sums to 0 only when black
+        cols = np.flatnonzero(np.diff(last_row) != 0)
+        if rows.size == 0:
+            return 0, 0, 0, 0
+        return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
     def crops(self, top: np.ndarray, bottom: np.ndarray, left: np.ndarray, right: np.ndarray, size: int) -> np.ndarray:
-        """Rows ``top:bottom``, columns ``left:right`` of each box, area-resized to ``(K, size, size, 3)`` float32."""
+        """Rows ``top:bottom``, columns ``left:right`` of each box, area-resized to ``(K, size, size, 3)`` float32.
+
+        Spans may reach outside the image: the part outside counts as black (zero) pixels. Clipping each
+        pooling window to the image and still dividing by its full size is exactly zero padding.
+        """
         y0, y1 = _windows(top, bottom, size)
         x0, x1 = _windows(left, right, size)
+        rows, cols = y1 - y0, x1 - x0
+        if top.min(initial=0) < 0 or bottom.max(initial=0) > self.height:
+            y0, y1 = np.clip(y0, 0, self.height), np.clip(y1, 0, self.height)
+        if left.min(initial=0) < 0 or right.max(initial=0) > self.width:
+            x0, x1 = np.clip(x0, 0, self.width), np.clip(x1, 0, self.width)
         flat = self.table.reshape(-1, 3)
         stride = self.width + 1
 
@@ -112,7 +132,7 @@ class IntegralImage:
             return np.take(flat, (rows * stride)[:, :, None] + cols[:, None, :], axis=0)
 
         sums = corner(y1, x1) - corner(y0, x1) - corner(y1, x0) + corner(y0, x0)
-        return _average(sums, (y1 - y0)[:, :, None, None], (x1 - x0)[:, None, :, None])
+        return _average(sums, rows[:, :, None, None], cols[:, None, :, None])
 
 
 def _average(sums: np.ndarray, window_rows: np.ndarray, window_cols: np.ndarray) -> np.ndarray:
@@ -292,15 +312,55 @@ def apply_regression(boxes: np.ndarray, offsets: np.ndarray, plus_one: bool) -> 
     return out
 
 
-def crop_windows(boxes: np.ndarray, width: int, height: int) -> tuple[np.ndarray, ...]:
-    """1-based inclusive box edges truncated to ints and clamped to the image -> 0-based slices, plus validity."""
+def crop_windows(
+    boxes: np.ndarray, width: int, height: int, edge_padding: EdgePadding = "stretch"
+) -> tuple[np.ndarray, ...]:
+    """1-based inclusive box edges truncated to ints -> 0-based spans ``top, bottom, left, right``, plus validity.
+
+    ``"stretch"`` (facenet-pytorch) clamps the spans to the image, so the in-image part of a box that crosses
+    the edge is stretched to the full network input and the face in it is distorted. ``"zero"`` (the original
+    MTCNN's ``pad``: the crop is a box-sized black canvas with the in-image part pasted at its place) keeps the
+    box span; ``IntegralImage.crops`` treats what lies outside as black. A box is valid when it overlaps the
+    image.
+    """
     edges = boxes[:, :4].astype(np.int32)  # truncation toward zero, as the reference
     left = np.maximum(edges[:, 0], 1) - 1
     top = np.maximum(edges[:, 1], 1) - 1
     right = np.minimum(edges[:, 2], width)
     bottom = np.minimum(edges[:, 3], height)
     valid = (bottom > top) & (right > left)
+    if edge_padding == "zero":
+        return edges[:, 1] - 1, edges[:, 3], edges[:, 0] - 1, edges[:, 2], valid
     return top, bottom, left, right, valid
+
+
+def _pnet_region(
+    content: tuple[int, int, int, int] | None, image_size: tuple[int, int], level_size: tuple[int, int]
+) -> tuple[tuple[int, slice], tuple[int, slice]] | None:
+    """Rows and columns of a pyramid level that P-Net must see to score every cell touching ``content``.
+
+    Per axis ``(first cell, slice of level pixels)``: the slice starts at an even pixel (the cell grid's stride)
+    and ends where the last touching cell's 12 pixels end, so each cell is computed from exactly the pixels
+    (and max-pool windows) it has in the whole level. None when no cell touches ``content`` (a black image).
+    """
+    if content is None:
+        return (0, slice(None)), (0, slice(None))
+    top, bottom, left, right = content
+    if bottom <= top or right <= left:
+        return None
+    return (
+        _pnet_axis(top, bottom, image_size[0], level_size[0]),
+        _pnet_axis(left, right, image_size[1], level_size[1]),
+    )
+
+
+def _pnet_axis(start: int, stop: int, image_extent: int, level_extent: int) -> tuple[int, slice]:
+    level_start, level_stop = _windows(np.zeros(1, np.int64), np.array([image_extent]), level_extent)
+    touching = np.flatnonzero((level_stop[0] > start) & (level_start[0] < stop))  # level pixels that are not black
+    cells = (level_extent - 2 + 1) // 2 - 4  # conv 3, ceil max-pool 2, conv 3, conv 3
+    first_cell = max(0, -(-(int(touching[0]) - PNET_CELL + 1) // PNET_STRIDE))
+    last_cell = min(cells - 1, int(touching[-1]) // PNET_STRIDE)
+    return first_cell, slice(PNET_STRIDE * first_cell, min(level_extent, PNET_STRIDE * last_cell + PNET_CELL))
 
 
 def pyramid_scales(height: int, width: int, min_face_size: float, factor: float) -> list[float]:
@@ -352,6 +412,7 @@ class MTCNNDetector:
         batch_size: int = 8,
         crop_batch_size: int = 512,
         pnet_pixels_per_pass: int = 2**18,
+        edge_padding: EdgePadding = "stretch",
     ) -> None:
         if min_face_size <= 0:
             raise ValueError(f"min_face_size must be positive, got {min_face_size}")
@@ -363,6 +424,8 @@ class MTCNNDetector:
             raise ValueError(f"order must be 'score' or 'area', got {order!r}")
         if batch_size < 1 or crop_batch_size < 1:
             raise ValueError("batch sizes must be >= 1")
+        if edge_padding not in ("stretch", "zero"):
+            raise ValueError(f"edge_padding must be 'stretch' or 'zero', got {edge_padding!r}")
         self.device = torch.device(device)
         self.pnet = pnet.eval().to(self.device)
         self.rnet = rnet.eval().to(self.device)
@@ -374,6 +437,8 @@ class MTCNNDetector:
         self.batch_size = batch_size
         self.crop_batch_size = crop_batch_size
         self.pnet_pixels_per_pass = pnet_pixels_per_pass
+        self.edge_padding: EdgePadding = edge_padding
+        self._blank_probability: float | None = None  # P-Net's face probability for an all-black cell
 
     # -------------------------------------------------------------------------------- public API
 
@@ -419,19 +484,27 @@ class MTCNNDetector:
         # Per image, rows [x1, y1, x2, y2, score, 4 offsets] that survive NMS 0.5 within their pyramid level.
         rows: list[list[np.ndarray]] = [[] for _ in integrals]
         threshold = np.float32(self.thresholds[0])
+        content = self._content_box(integrals)
         for scale in pyramid_scales(height, width, self.min_face_size, self.factor):
             size = (int(height * scale + 1), int(width * scale + 1))
-            offsets, probs = self._run_pnet([integral.resize(*size) for integral in integrals])
+            region = _pnet_region(content, (height, width), size)
+            if region is None:
+                continue
+            (first_row, row_span), (first_col, col_span) = region
+            offsets, probs = self._run_pnet([integral.resize(*size, row_span, col_span) for integral in integrals])
             scale32 = np.float32(scale)
             for b in range(len(integrals)):
                 ys, xs = np.nonzero(probs[b] >= threshold)
                 if ys.size == 0:
                     continue
+                ys, xs = ys + first_row, xs + first_col  # cells of the whole level
                 cells = np.stack([xs, ys], axis=1).astype(np.float32)
                 corner1 = np.floor((PNET_STRIDE * cells + 1) / scale32)
                 corner2 = np.floor((PNET_STRIDE * cells + PNET_CELL) / scale32)
-                scores = probs[b, ys, xs]
-                level = np.concatenate([corner1, corner2, scores[:, None], offsets[b][:, ys, xs].T], axis=1)
+                scores = probs[b, ys - first_row, xs - first_col]
+                level = np.concatenate(
+                    [corner1, corner2, scores[:, None], offsets[b][:, ys - first_row, xs - first_col].T], axis=1
+                )
                 rows[b].append(level[batched_nms(level[:, :4], scores, np.zeros(len(level), np.int64), 0.5)])
 
         results = []
@@ -480,6 +553,28 @@ class MTCNNDetector:
 
     # -------------------------------------------------------------------------------- helpers
 
+    def _content_box(self, integrals: list[IntegralImage]) -> tuple[int, int, int, int] | None:
+        """The span of non-black pixels of all ``integrals`` together, or None when P-Net must see everything.
+
+        A P-Net cell that sees only black pixels has one fixed output; when that output is below the P-Net
+        threshold (it is, for the released weights) such cells never propose a box, so the black borders of
+        padded images (the evaluation commands add one) need no P-Net pass: same proposals, less work.
+        """
+        if self._blank_cell_passes():
+            return None
+        boxes = np.array([integral.content_box() for integral in integrals])
+        if (boxes[:, 1] > boxes[:, 0]).any():
+            boxes = boxes[boxes[:, 1] > boxes[:, 0]]
+        return int(boxes[:, 0].min()), int(boxes[:, 1].max()), int(boxes[:, 2].min()), int(boxes[:, 3].max())
+
+    def _blank_cell_passes(self) -> bool:
+        if self._blank_probability is None:
+            blank = np.zeros((1, PNET_CELL, PNET_CELL, 3), np.float32)
+            with torch.inference_mode():
+                self._blank_probability = float(self.pnet(self._to_input(blank))[1].max())
+        return self._blank_probability >= self.thresholds[0]
+
+
     def _run_pnet(self, levels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """P-Net on one pyramid level of every image; large levels one image at a time (measured: on CPU a
         batch of large levels is slower than the same images one by one, small levels gain from batching)."""
@@ -500,7 +595,7 @@ class MTCNNDetector:
         """Area-resized crops of every candidate of every image, dropping boxes that lie outside the image."""
         kept, crops = [], []
         for integral, cand in zip(integrals, candidates):
-            top, bottom, left, right, valid = crop_windows(cand.boxes, integral.width, integral.height)
+            top, bottom, left, right, valid = crop_windows(cand.boxes, integral.width, integral.height, self.edge_padding)
             cand = cand.take(np.flatnonzero(valid))
             kept.append(cand)
             if valid.any():
@@ -586,7 +681,9 @@ def create_mtcnn(weights: str | os.PathLike | None = None, device: str = "cpu", 
 
     Options: ``min_face_size`` (20), ``thresholds`` ((0.6, 0.7, 0.7)), ``factor`` (0.709),
     ``order`` ("score" | "area"), ``batch_size`` (images processed together, 8), ``crop_batch_size`` (R/O-Net
-    crops per forward pass, 512), ``pnet_pixels_per_pass`` (pyramid-level pixels per P-Net pass, 2**18).
+    crops per forward pass, 512), ``pnet_pixels_per_pass`` (pyramid-level pixels per P-Net pass, 2**18),
+    ``edge_padding`` ("stretch": facenet-pytorch parity | "zero": the original MTCNN, right on faces that fill
+    the frame; see ``crop_windows``).
     """
     unknown = sorted(set(options) - _OPTIONS)
     if unknown:
@@ -596,5 +693,8 @@ def create_mtcnn(weights: str | os.PathLike | None = None, device: str = "cpu", 
 
 
 _OPTIONS = frozenset(
-    {"min_face_size", "thresholds", "factor", "order", "batch_size", "crop_batch_size", "pnet_pixels_per_pass"}
+    {
+        "min_face_size", "thresholds", "factor", "order", "batch_size", "crop_batch_size", "pnet_pixels_per_pass",
+        "edge_padding",
+    }
 )

@@ -46,6 +46,7 @@ def embed_query(
     detector_weights: str | None = None,
     device: str = "cpu",
     batch_size: int = 64,
+    min_score: float = 0.5,
 ) -> Queries:
     query = Path(query)
     if is_embedding_dir(query):
@@ -66,20 +67,24 @@ def embed_query(
         details = pd.DataFrame({"query": names})
         return Queries(names, batch.embeddings[keep].astype(np.float32), details)
     if is_image_path(query):
-        return _embed_image(query, spec, detector, detector_weights, device, batch_size)
+        return _embed_image(query, spec, detector, detector_weights, device, batch_size, min_score)
     raise QueryError(f"{query}: not an image, a folder of aligned crops, or an embedding folder")
 
 
-def _embed_image(path: Path, spec: EmbedSpec, detector_name: str, detector_weights: str | None, device: str, batch_size: int) -> Queries:
+def _embed_image(
+    path: Path, spec: EmbedSpec, detector_name: str, detector_weights: str | None, device: str, batch_size: int,
+    min_score: float,
+) -> Queries:
     from facepipe.alignment.similarity import align_faces
-    from facepipe.detection.base import create_detector
+    from facepipe.detection.base import create_detector, pipeline_detector_options
 
     try:
         image = read_image(path)
     except ImageDecodeError as exc:
         raise QueryError(f"{path}: {exc}") from exc
-    faces = create_detector(detector_name, weights=detector_weights, device=device).detect([image])[0]
-    faces = [f for f in faces if f.score >= 0.5]
+    options = pipeline_detector_options(detector_name)
+    faces = create_detector(detector_name, weights=detector_weights, device=device, **options).detect([image])[0]
+    faces = [f for f in faces if f.score >= min_score]
     if not faces:
         return Queries([], np.zeros((0, 0), dtype=np.float32), pd.DataFrame({"query": []}))
     embedder = CropEmbedder(path.parent, spec, device=device, batch_size=batch_size)

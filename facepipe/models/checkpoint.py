@@ -153,7 +153,9 @@ def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("FACEPIPE_HOME", Path.home() / ".cache" / "facepipe"))
+    """facepipe's cache folder: ``$FACEPIPE_HOME``, else ``$FACEPIPE_CACHE`` (an older spelling), else ~/.cache/facepipe."""
+    folder = os.environ.get("FACEPIPE_HOME") or os.environ.get("FACEPIPE_CACHE")
+    return Path(folder) if folder else Path.home() / ".cache" / "facepipe"
 
 
 def download_weights(url: str, sha256: str, filename: str | None = None) -> Path:

@@ -151,9 +151,9 @@ class AlignWorker:
     @property
     def detector(self):
         if self._detector is None:
-            from facepipe.detection import create_detector
+            from facepipe.detection import create_detector, pipeline_detector_options
 
-            options = dict(self.config.detector_options)
+            options = pipeline_detector_options(self.config.detector, self.config.detector_options)
             if self.config.detector.startswith("retinaface"):
                 # RetinaFace drops faces under its own threshold (0.5): let --min-score go lower than that.
                 options.setdefault("threshold", self.config.min_score)
@@ -392,12 +392,25 @@ class AlignSummary:
     def images_per_second(self) -> float:
         return self.processed / self.seconds if self.seconds > 0 else 0.0
 
+    def faces_not_kept(self) -> tuple[int, int]:
+        """(faces above --min-score that --keep left out, images holding them), counted from the manifest."""
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(self.manifest_path, columns=["status", "num_detected", "outputs"]).to_pydict()
+        left_out = [
+            detected - len(outputs)
+            for status, detected, outputs in zip(table["status"], table["num_detected"], table["outputs"])
+            if status == "ok" and detected > len(outputs)
+        ]
+        return sum(left_out), len(left_out)
+
     def format(self) -> str:
         counts = ", ".join(f"{status} {n}" for status, n in self.counts.items())
+        not_kept, images = self.faces_not_kept()
         return (
             f"{self.processed} images processed ({self.skipped} already done) in {self.seconds:.1f} s, "
             f"{self.images_per_second:.2f} images/s; {counts}; {self.crops_written} crops written; "
-            f"manifest {self.manifest_path}"
+            f"{not_kept} detected faces not kept (--keep) in {images} images; manifest {self.manifest_path}"
         )
 
 

@@ -120,14 +120,15 @@ def test_visualize_writes_pictures_for_readable_images(tmp_path, image_folder):
     assert np.abs(drawn[850:880, 20:60].astype(int) - original[850:880, 20:60]).mean() < 4
 
 
-def test_same_file_names_from_two_folders_do_not_overwrite(tmp_path, image_folder):
+def test_same_file_names_from_two_folders_keep_their_folders(tmp_path, image_folder):
     other = tmp_path / "other"
     other.mkdir()
     shutil.copy(image_folder / "t1.jpg", other / "t1.jpg")
     pictures = tmp_path / "pictures"
     result = _run([str(image_folder / "t1.jpg"), str(other), "--out", str(tmp_path / "d.jsonl"), "--visualize", str(pictures)])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in pictures.iterdir()) == ["t1.jpg", "t1_1.jpg"]
+    written = sorted(p.relative_to(pictures).as_posix() for p in pictures.rglob("*") if p.is_file())
+    assert written == ["other/t1.jpg", "photos/t1.jpg"]  # the input tree below their common folder
 
 
 def test_crash_leaves_no_complete_looking_output(tmp_path, image_folder, monkeypatch):
