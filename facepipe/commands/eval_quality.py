@@ -12,12 +12,14 @@ import numpy as np
 
 from facepipe.commands.common import (
     detector_option,
+    min_score_option,
     detector_weights_option,
     device_option,
     model_option,
     resolve_device,
     set_threads,
     threads_option,
+    weights_option,
 )
 
 
@@ -30,13 +32,13 @@ from facepipe.commands.common import (
 @detector_option
 @detector_weights_option
 @model_option
-@click.option("--weights", type=click.Path(dir_okay=False, exists=True), default=None, help="Embedding model weights.")
+@weights_option
 @device_option
 @threads_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--pad", type=click.FloatRange(0, 2), default=0.25, show_default=True,
               help="Black border before detection (fraction of the longer side), as in eval cfp/lfw.")
-@click.option("--min-score", type=click.FloatRange(0, 1), default=0.5, show_default=True)
+@min_score_option
 @click.option("--fmr", type=click.FloatRange(1e-6, 0.5), default=1e-3, show_default=True,
               help="Operating point: the threshold is set at this false match rate on all pairs.")
 @click.option("--max-reject", type=click.FloatRange(0.01, 0.95), default=0.5, show_default=True,

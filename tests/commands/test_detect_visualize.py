@@ -53,19 +53,21 @@ def test_visualize_names_mirror_the_input_tree(tmp_path) -> None:
     assert twice == ["p01.jpg", "p01_1.jpg"]
 
 
-def test_a_picture_name_too_long_to_write_is_a_line_not_a_traceback(tmp_path) -> None:
+def test_a_picture_that_cannot_be_written_is_a_line_not_a_traceback(tmp_path) -> None:
     folder = tmp_path / "in"
-    folder.mkdir()
-    long_name = "x" * 240 + ".jpg"  # fits the file system, the temporary picture name does not
+    (folder / "blocked").mkdir(parents=True)
+    long_name = "x" * 240 + ".jpg"  # its temporary name would be too long unless shortened: written all the same
     shutil.copy(shared_path("images", "group", "t1.jpg"), folder / long_name)
-    shutil.copy(shared_path("images", "group", "t1.jpg"), folder / "t1.jpg")
+    shutil.copy(shared_path("images", "group", "t1.jpg"), folder / "blocked" / "t1.jpg")
     out, pictures = tmp_path / "d.jsonl", tmp_path / "pictures"
+    pictures.mkdir()
+    (pictures / "blocked").write_bytes(b"a file where the mirrored folder should go")
     result = CliRunner().invoke(main, ["detect", str(folder), "--out", str(out), "--visualize", str(pictures)])
     assert result.exit_code == 0, result.output
     records = {json.loads(line)["path"].split("/")[-1]: json.loads(line) for line in out.read_text().splitlines()}
-    assert "cannot write" in records[long_name]["visualize_error"]
+    assert "cannot write" in records["t1.jpg"]["visualize_error"]
     assert records[long_name]["faces"] == records["t1.jpg"]["faces"]  # the detections are still reported
-    assert "visualize_error" not in records["t1.jpg"] and (pictures / "t1.jpg").is_file()
+    assert "visualize_error" not in records[long_name] and (pictures / long_name).is_file()
     assert "1 pictures could not be written" in result.output
     assert "Traceback" not in result.output
 
