@@ -56,6 +56,7 @@ def embed(
     from facepipe.embedding.store import EmbeddingStoreError, EmbedSpec, embed_directory
     from facepipe.engine.ray_engine import RayEngineError
     from facepipe.models.checkpoint import CheckpointError
+    from facepipe.pipeline.sources import SourceError
 
     ray_options = engine_options(engine, ray_address, num_gpus, actors=actors)
     if ray_options is None:
@@ -74,14 +75,10 @@ def embed(
     try:
         spec = EmbedSpec(model=model, weights=str(Path(weights).resolve()) if weights else None, flip=flip,
                          normalize=normalize, dtype=dtype, options=options)
-        if ray_options is not None:
-            from facepipe.engine.ray_engine import embed_directory_ray
-
-            summary = embed_directory_ray(aligned_dir, out_dir, spec, ray_options, batch_size=batch_size,
-                                          shard_size=shard_size, overwrite=overwrite, progress=progress)
-        else:
-            summary = embed_directory(aligned_dir, out_dir, spec, device=device, batch_size=batch_size,
-                                      shard_size=shard_size, threads=threads, overwrite=overwrite, progress=progress)
-    except (EmbeddingStoreError, CheckpointError, FileNotFoundError, ValueError, RayEngineError) as exc:
+        engine_kwargs = {"options": ray_options} if ray_options is not None else {}
+        summary = embed_directory(aligned_dir, out_dir, spec, device=device, batch_size=batch_size,
+                                  shard_size=shard_size, threads=threads, overwrite=overwrite, progress=progress,
+                                  engine=engine, workers=0, **engine_kwargs)
+    except (EmbeddingStoreError, CheckpointError, FileNotFoundError, ValueError, RayEngineError, SourceError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(summary.format())

@@ -11,10 +11,14 @@ from facepipe.embedding.store import (
     EmbeddingStoreError,
     EmbedSpec,
     embed_directory,
+    embeddings_of,
     iter_shards,
     list_crops,
     load_embeddings,
+    result_schema,
 )
+from facepipe.io.atomic import TEMP_MARK, temporary_path
+from facepipe.pipeline.sources import Item
 
 
 def _write_aligned_tree(root, rng):
@@ -91,26 +95,27 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(tmp_path, alig
     spec = EmbedSpec()
     embed_directory(root, tmp_path / "full", spec, shard_size=2, progress=False)
     calls = {"n": 0}
-    original = CropEmbedder.embed_loaded
+    original = CropEmbedder.embed_items
 
-    def crash_on_third_batch(self, loaded):
+    def crash_on_third_batch(self, items):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt("simulated kill")
-        return original(self, loaded)
+        return original(self, items)
 
-    monkeypatch.setattr(CropEmbedder, "embed_loaded", crash_on_third_batch)
+    monkeypatch.setattr(CropEmbedder, "embed_items", crash_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
         embed_directory(root, tmp_path / "resumed", spec, shard_size=2, batch_size=2, progress=False)
     shards = tmp_path / "resumed" / "shards"
     assert sorted(p.name for p in shards.iterdir()) == [
         "emb-000000.npy", "emb-000000.parquet", "emb-000001.npy", "emb-000001.parquet"
     ]
-    (shards / "emb-000002.npy.tmp").write_bytes(b"half-written")  # what a kill during a write leaves
-    monkeypatch.setattr(CropEmbedder, "embed_loaded", original)
+    temporary_path(shards / "emb-000002.npy").write_bytes(b"half-written")  # what a kill during a write leaves
+    (shards / "emb-000003.npy").write_bytes(b"a matrix whose marker a kill prevented")
+    monkeypatch.setattr(CropEmbedder, "embed_items", original)
     summary = embed_directory(root, tmp_path / "resumed", spec, shard_size=2, batch_size=2, progress=False)
     assert summary.embedded == 9 - 4
-    assert not list(shards.glob("*.tmp"))
+    assert not [p for p in shards.iterdir() if TEMP_MARK in p.name]
     full, full_manifest = load_embeddings(tmp_path / "full")
     resumed, resumed_manifest = load_embeddings(tmp_path / "resumed")
     np.testing.assert_allclose(resumed, full, atol=1e-5)
@@ -138,13 +143,15 @@ def test_empty_or_missing_inputs(tmp_path):
         EmbedSpec(dtype="int8")
 
 
-def test_crop_embedder_pickles_without_its_model_and_has_a_ray_batch_form(aligned, reference):
+def test_crop_embedder_pickles_without_its_model_and_returns_result_columns(aligned, reference):
     root, names = aligned
     worker = CropEmbedder(root, EmbedSpec(normalize=False))
     first = worker.embed_paths(names[:2])
     clone = pickle.loads(pickle.dumps(worker))
     assert clone._embedder is None
-    out = clone({"path": np.array(names[:2], dtype=object)})
-    assert set(out) == {"path", "embedding", "norm", "status", "reason"}
-    np.testing.assert_allclose(out["embedding"], first.embeddings, atol=1e-5)
-    np.testing.assert_allclose(out["embedding"][0], reference[names[0]], rtol=1e-4, atol=1e-4)
+    items = [Item(i, name, str(root / name)) for i, name in enumerate(names[:2])]
+    out = clone(items)
+    assert out.schema == result_schema(128, "float32")
+    assert out.column("path").to_pylist() == names[:2] and out.column("status").to_pylist() == ["ok", "ok"]
+    np.testing.assert_allclose(embeddings_of(out), first.embeddings, atol=1e-5)
+    np.testing.assert_allclose(embeddings_of(out)[0], reference[names[0]], rtol=1e-4, atol=1e-4)
