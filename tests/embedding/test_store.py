@@ -1,4 +1,5 @@
 import pickle
+import shutil
 
 import cv2
 import numpy as np
@@ -155,3 +156,61 @@ def test_crop_embedder_pickles_without_its_model_and_returns_result_columns(alig
     assert out.column("path").to_pylist() == names[:2] and out.column("status").to_pylist() == ["ok", "ok"]
     np.testing.assert_allclose(embeddings_of(out), first.embeddings, atol=1e-5)
     np.testing.assert_allclose(embeddings_of(out)[0], reference[names[0]], rtol=1e-4, atol=1e-4)
+
+
+def _embedding_by_path(emb_dir):
+    matrix, manifest = load_embeddings(emb_dir)
+    assert manifest["index"].tolist() == list(range(len(manifest)))
+    return {path: np.asarray(matrix[i]) for i, path in enumerate(manifest["path"])}, manifest
+
+
+def test_growing_input_embeds_only_new_crops_and_removed_ones_leave_the_manifest(tmp_path, aligned):
+    root = tmp_path / "aligned"
+    shutil.copytree(aligned[0], root)
+    spec = EmbedSpec()
+    out = tmp_path / "emb"
+    assert embed_directory(root, out, spec, shard_size=3, batch_size=2, progress=False).embedded == 9
+
+    rng = np.random.default_rng(7)
+    added = ["alice/9.png", "set1/alice/0.png", "set2/alice/0.png"]  # nested: two identities, not one "alice"
+    for name in added:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / name), rng.integers(0, 256, size=(112, 112, 3), dtype=np.uint8))
+    summary = embed_directory(root, out, spec, shard_size=3, batch_size=2, progress=False)
+    assert (summary.total, summary.embedded) == (12, 3)
+    assert sorted(p.name for p in (out / "shards").glob("*.npy"))[-1] == "emb-000003.npy"  # one new shard
+    grown, manifest = _embedding_by_path(out)
+    fresh, fresh_manifest = _embedding_by_path(embed_directory(root, tmp_path / "fresh", spec, progress=False).out_dir)
+    assert sorted(grown) == sorted(fresh) and len(grown) == 12
+    for path in fresh:
+        np.testing.assert_allclose(grown[path], fresh[path], atol=1e-5)
+    assert manifest.drop(columns=["shard", "row"]).equals(fresh_manifest.drop(columns=["shard", "row"]))
+    identity = manifest.set_index("path")["identity"]
+    assert (identity["set1/alice/0.png"], identity["set2/alice/0.png"], identity["alice/9.png"]) == ("set1/alice", "set2/alice", "alice")
+
+    for name in ("alice/0.png", "set1/alice/0.png"):
+        (root / name).unlink()
+    summary = embed_directory(root, out, spec, shard_size=3, batch_size=2, progress=False)
+    assert (summary.total, summary.embedded, summary.removed) == (10, 0, 2)
+    shrunk, manifest = _embedding_by_path(out)
+    assert len(manifest) == 10 and sorted(shrunk) == sorted(set(fresh) - {"alice/0.png", "set1/alice/0.png"})
+    for path in shrunk:  # rows taken by (shard, row): the matrix lines up although shard 0 and 3 lost a row
+        np.testing.assert_allclose(shrunk[path], fresh[path], atol=1e-5)
+    chunks = list(iter_shards(out))
+    assert sum(len(m) for m, _ in chunks) == 10
+    for matrix, rows in chunks:
+        for i, path in enumerate(rows["path"]):
+            np.testing.assert_allclose(matrix[i], fresh[path], atol=1e-5)
+
+
+def test_overwrite_removes_what_the_old_settings_wrote(tmp_path, aligned):
+    root, _ = aligned
+    out = tmp_path / "emb"
+    embed_directory(root, out, EmbedSpec(), shard_size=2, progress=False)
+    assert len(list((out / "shards").glob("*.npy"))) == 5
+    summary = embed_directory(root, out, EmbedSpec(flip=False), shard_size=4, overwrite=True, progress=False)
+    assert summary.embedded == 9
+    assert sorted(p.name for p in (out / "shards").iterdir()) == [
+        f"emb-{i:06d}.{ext}" for i in range(3) for ext in ("npy", "parquet")
+    ]
+    assert load_embeddings(out)[1]["shard"].tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2]
