@@ -508,7 +508,8 @@ class AlignJob:
                 committed_names.extend(decode_name(name) for name in outputs or [])
         self.names = OutputNames(self.config.image_format, self.config.keep == "all", output_folders(self.keys), committed_names)
         self.units = self._plan(set(self.store.done_parts()))
-        self.stems = {item.key: self.names.stem(item.key) for unit in self.units for batch in unit.batches for item in batch}
+        pending = {item.key for unit in self.units for batch in unit.batches for item in batch}
+        self.stems = {item.key: self.names.stem(item.key) for item in self.items if item.key in pending}  # input order
         self.processed = sum(unit.items for unit in self.units)
         self.crops_written = 0
 
@@ -545,6 +546,7 @@ class AlignJob:
         for start in range(0, len(leftovers), self.chunk_size):
             units.append((next_id, leftovers[start : start + self.chunk_size]))
             next_id += 1
+        units.sort(key=lambda unit: unit[1][0].index)  # in input order
         return [
             Unit(chunk_id, tuple(tuple(chunk[i : i + self.batch_size]) for i in range(0, len(chunk), self.batch_size)), len(chunk))
             for chunk_id, chunk in units
