@@ -54,6 +54,7 @@ def embed(
     present. Rerunning with the same options resumes: finished shards are skipped.
     """
     from facepipe.embedding.store import EmbeddingStoreError, EmbedSpec, embed_directory
+    from facepipe.engine.local import RunInterrupted
     from facepipe.engine.ray_engine import RayEngineError
     from facepipe.models.checkpoint import CheckpointError
     from facepipe.pipeline.sources import SourceError
@@ -79,6 +80,9 @@ def embed(
         summary = embed_directory(aligned_dir, out_dir, spec, device=device, batch_size=batch_size,
                                   shard_size=shard_size, threads=threads, overwrite=overwrite, progress=progress,
                                   engine=engine, workers=0, **engine_kwargs)
+    except RunInterrupted as exc:  # one line, no traceback; committed shards stay
+        click.echo(str(exc), err=True)
+        click.get_current_context().exit(exc.exit_code)
     except (EmbeddingStoreError, CheckpointError, FileNotFoundError, ValueError, RayEngineError, SourceError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(summary.format())

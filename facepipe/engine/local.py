@@ -23,7 +23,8 @@ tracker exit when their last client is gone. Nothing stays behind holding a mode
 **Worker death.** A worker process that dies (the OOM killer's SIGKILL, a segfault in native code) is replaced,
 and the batch it was running is retried, up to ``MAX_RETRIES`` times; then the job records the batch's items as
 ``error`` rows (``job.failed``) and the run goes on. The batch queued behind it is resubmitted without penalty.
-A worker that dies while loading its model ends the run with one message (nothing could run without it).
+Workers that keep dying while loading their model (``MAX_RETRIES`` + 1 times in a row) end the run with one
+message: nothing could run without it.
 
 Why not ``concurrent.futures.ProcessPoolExecutor``: one dead worker breaks the whole pool (``BrokenProcessPool``),
 and its workers block forever on a queue whose writer a killed parent can no longer close.
@@ -236,7 +237,7 @@ def _run_in_pool(job: BatchJob, units: Sequence[Unit], workers: int, collector: 
 def _after_death(job: BatchJob, died: "_Died", collector: _Collector, open_units: list[int], progress: JobProgress) -> list[_Task]:
     """The died worker's tasks: the one it was running is charged an attempt (and recorded as failed after
     ``MAX_RETRIES`` retries); the ones queued behind it go back as they were."""
-    retry = []
+    retry = list(died.untouched)
     for n, task in enumerate(died.tasks):
         if n == 0:
             task.attempts += 1
@@ -264,6 +265,7 @@ def _context(job: BatchJob) -> multiprocessing.context.BaseContext:
 class _Died:
     tasks: list[_Task]  # in the order the worker was running them
     cause: str
+    untouched: list[_Task] = field(default_factory=list)  # it died before running any: they go back as they were
 
 
 @dataclass
@@ -284,6 +286,7 @@ class _Pool:
     def __init__(self, context: multiprocessing.context.BaseContext, worker: BatchWorker, threads: int) -> None:
         self.context, self.worker, self.threads = context, worker, threads
         self.slots: list[_Slot] = []
+        self.setup_deaths = 0  # workers that died before their model was ready, since one last was
 
     def grow(self, count: int) -> None:
         for _ in range(count):
@@ -327,8 +330,12 @@ class _Pool:
             slot.from_worker.close()
             code = slot.process.exitcode
             cause = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
-            if not slot.ready:
-                raise WorkerSetupError(f"a worker process died while loading its model ({cause})")
+            if not slot.ready:  # its tasks never ran: they go back as they were
+                self.setup_deaths += 1
+                if self.setup_deaths > MAX_RETRIES:
+                    raise WorkerSetupError(f"worker processes keep dying while loading their model ({cause})")
+                died.append(_Died([], cause, slot.tasks))
+                continue
             died.append(_Died(slot.tasks, cause))
         return done, died
 
@@ -339,6 +346,7 @@ class _Pool:
                 kind, value = slot.from_worker.recv()
                 if kind == "ready":
                     slot.ready = True
+                    self.setup_deaths = 0
                 elif kind == "result":
                     done.append((slot.tasks.pop(0), value))
                 else:  # "error"

@@ -198,8 +198,10 @@ class RunState:
         self._lock_fd = fd
 
     def close(self) -> None:
-        """Release the lock (the process's death releases it too)."""
+        """Release the lock (the process's death releases it too). A released lock names nobody: the file is
+        emptied first, so a finished run leaves the same state files whoever ran it."""
         if self._lock_fd is not None:
+            os.ftruncate(self._lock_fd, 0)
             os.close(self._lock_fd)
             self._lock_fd = None
 
