@@ -252,8 +252,10 @@ class RecordIOWriter:
             idx.writelines(f"{key}\t{self._offsets[key]}\n" for key in sorted(self._offsets))
             idx.flush()
             os.fsync(idx.fileno())
-        publish(self._rec_tmp, self.rec_path)  # both flushed above; a crash between the two leaves a
-        publish(self._idx_tmp, self.idx_path)  # .rec without its .idx: writers that need both record it after
+        # Both are flushed; a crash between the two renames leaves a new .rec beside the old .idx: a writer that
+        # must survive that records completion after (``RecordIOSink.finish`` writes its built marker last).
+        publish(self._rec_tmp, self.rec_path)
+        publish(self._idx_tmp, self.idx_path)
 
     def abort(self) -> None:
         """Drop everything written (nothing appears at the final paths)."""

@@ -198,7 +198,7 @@ def align_detector(config: AlignConfig, onnx_model: str | None = None, device: s
     if config.detector.startswith("retinaface"):
         options.setdefault("threshold", config.min_score)
         options.setdefault("confidence_threshold", align_confidence_threshold(config.min_score, options))
-    if onnx_model is not None:
+    if onnx_model is not None and os.path.isfile(onnx_model):  # (on another machine of a cluster it may not be)
         options["backend"] = "onnxruntime"
         detector = create_detector("retinaface-onnx", onnx_model, device, **options)
     else:
@@ -498,34 +498,44 @@ class AlignJob:
         for folder in (self.out_dir, self.out_dir / "shards", self.store.state_dir / "recordio"):
             cleanup_temporaries(folder)  # a killed run's partial shards, train.rec, labels.tsv
         cleanup_beside(self.manifest_path)
-        self.removed = self._remove_gone_inputs()
+        parts = {part_id: self.store.part(part_id) for part_id in self.store.done_parts()}
+        self.removed = self._remove_gone_inputs(parts)
         self.part_of: dict[str, int] = {}  # key -> the chunk that committed it
         committed_names: list[str] = []
-        for part_id in self.store.done_parts():
-            part = self.store.part(part_id)
+        for part_id, part in parts.items():
             for key, outputs in zip(keys_of(part), part.column("outputs").to_pylist()):
                 self.part_of[key] = part_id
                 committed_names.extend(decode_name(name) for name in outputs or [])
         self.names = OutputNames(self.config.image_format, self.config.keep == "all", output_folders(self.keys), committed_names)
-        self.units = self._plan(set(self.store.done_parts()))
+        self.units = self._plan(set(parts))
         pending = {item.key for unit in self.units for batch in unit.batches for item in batch}
         self.stems = {item.key: self.names.stem(item.key) for item in self.items if item.key in pending}  # input order
         self.processed = sum(unit.items for unit in self.units)
         self.crops_written = 0
 
-    def _remove_gone_inputs(self) -> int:
+    def _remove_gone_inputs(self, parts: dict[int, pa.Table]) -> int:
         """Delete the outputs of committed inputs that are no longer in the input, then their rows (outputs
-        first: a crash in between leaves rows whose outputs are gone, which the next run removes again)."""
+        first: a crash in between leaves rows whose outputs are gone, which the next run removes again); updates
+        ``parts``. Refuses when *none* of the committed inputs is still an input: that is another data set (or
+        another ``--root``), and deleting every output is what ``--overwrite`` is for."""
         current = set(self.keys)
+        committed = {part_id: keys_of(part) for part_id, part in parts.items()}
+        if committed and not any(key in current for keys in committed.values() for key in keys):
+            n = sum(len(keys) for keys in committed.values())
+            if n:
+                raise RunStateError(
+                    f"{self.out_dir} holds the outputs of {n} inputs none of which is in {self.source.description}; "
+                    "check INPUT (and --root), use another output folder, or pass --overwrite to replace that run"
+                )
         removed = 0
-        for part_id in self.store.done_parts():
-            part = self.store.part(part_id)
-            if all(key in current for key in keys_of(part)):
+        for part_id, keys in committed.items():
+            if all(key in current for key in keys):
                 continue
-            rows = table_to_rows(part)
+            rows = table_to_rows(parts[part_id])
             gone = [row for row in rows if row.key not in current]
             self.sink.remove(part_id, [name for row in gone for name in row.outputs])
             self.store.commit_chunk(part_id, [row for row in rows if row.key in current])
+            parts[part_id] = self.store.part(part_id)
             removed += len(gone)
         return removed
 

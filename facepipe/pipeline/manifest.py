@@ -31,7 +31,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -278,8 +278,3 @@ def keys_of(table: pa.Table) -> list[str]:
     """The decoded keys of a manifest table."""
     return [decode_name(key) for key in table.column("key").to_pylist()]
 
-
-def drop_keys(table: pa.Table, keys: Collection[str]) -> pa.Table:
-    """The rows of ``table`` whose (decoded) key is not in ``keys``."""
-    keep = [i for i, key in enumerate(keys_of(table)) if key not in keys]
-    return table.take(pa.array(keep, pa.int64()))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import stat
 import subprocess
 import tarfile
@@ -162,6 +161,17 @@ def test_shrinking_input_removes_the_outputs_of_gone_inputs(tmp_path):
     back = _align(src, out / "dir", lm, chunk_size=2)
     assert (back.processed, back.skipped) == (1, 3)
     assert np.array_equal(_crop_of(out / "dir" / "c" / "1.png"), _image(4))
+
+
+def test_an_input_sharing_no_file_with_the_run_is_refused_not_emptied(tmp_path):
+    lm = tmp_path / "lm.txt"
+    _add(tmp_path / "in", ["a/1.png", "a/2.png"])
+    _align(tmp_path / "in", tmp_path / "out", lm)
+    with pytest.raises(RunStateError, match="none of which is in"):  # e.g. INPUT pointed one folder too deep
+        _align(tmp_path / "in" / "a", tmp_path / "out", lm)
+    assert sorted(_files(tmp_path / "out")) == ["a/1.png", "a/2.png"]
+    replaced = _align(tmp_path / "in" / "a", tmp_path / "out", lm, overwrite=True)
+    assert replaced.processed == 2 and sorted(_files(tmp_path / "out")) == ["1.png", "2.png"]
 
 
 def test_recordio_output_is_rebuilt_in_input_order_when_the_input_grows(tmp_path):
