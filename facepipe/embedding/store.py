@@ -161,6 +161,9 @@ class CropEmbedder:
         state["_embedder"] = None  # rebuilt where it runs
         return state
 
+    def for_device(self, device: str) -> "CropEmbedder":
+        return CropEmbedder(self.source, self.spec, device, self.batch_size, self.threads)
+
     @property
     def embedder(self) -> Embedder:
         if self._embedder is None:
@@ -444,9 +447,7 @@ class EmbedJob:
     def worker(self, device: str | None = None) -> Any:
         if device is None or device == self._worker.device:
             return self._worker
-        clone = _copy_state(self._worker)
-        clone.device = device
-        return clone
+        return self._worker.for_device(device)
 
     def failed(self, batch: Sequence[Item], reason: str) -> pa.Table:
         n = len(batch)
@@ -477,38 +478,24 @@ class EmbedJob:
         return summary
 
 
-def _copy_state(worker: Any) -> Any:
-    clone = object.__new__(type(worker))
-    clone.__dict__.update(worker.__getstate__())
-    return clone
-
-
 def run_settings(spec: EmbedSpec, input_path: str | os.PathLike) -> dict[str, Any]:
     """What decides the stored numbers; the input folder is one (the list of its files is not)."""
     return {**asdict(spec), "input": str(Path(input_path).resolve())}
 
 
 def read_align_scores(aligned_dir: Path, source: Source, keys: Sequence[str]) -> dict[str, float]:
-    """``crop key -> detector score`` from the align manifest beside the crops (``outputs`` / ``scores``); for a
-    RecordIO the k-th record is the k-th crop the manifest lists. Empty when there is no align manifest."""
-    folder = aligned_dir.parent if aligned_dir.is_file() else aligned_dir
-    path = folder / ALIGN_MANIFEST_NAME
-    if not path.is_file():
-        return {}
+    """``crop key -> detector score`` from the align manifest beside the crops; for a RecordIO, whose records
+    are the crops in the manifest's order, the k-th record gets the k-th score. Empty without an align manifest."""
+    from facepipe.pipeline.manifest import read_detector_scores
+
+    path = (aligned_dir.parent if aligned_dir.is_file() else aligned_dir) / ALIGN_MANIFEST_NAME
     try:
-        table = pq.read_table(path)
-        table = table.sort_by("index") if "index" in table.column_names else table
-        table.column("outputs"), table.column("scores")
-    except (pa.ArrowInvalid, KeyError, OSError):
-        return {}  # not an align manifest: no scores to carry
-    names, scores = [], []
-    for outputs, values in zip(table.column("outputs").to_pylist(), table.column("scores").to_pylist()):
-        for name, score in zip(outputs or [], values or []):
-            names.append(str(name))
-            scores.append(float("nan") if score is None else float(score))
+        scores = read_detector_scores(path)
+    except (OSError, KeyError, pa.ArrowException):
+        return {}  # no align manifest (crops from elsewhere): no scores to carry
     if isinstance(source, RecordIOSource):
-        return dict(zip(keys, scores)) if len(keys) == len(scores) else {}
-    return dict(zip(names, scores))
+        return dict(zip(keys, scores.values())) if len(keys) == len(scores) else {}
+    return scores
 
 
 def embed_directory(
