@@ -17,8 +17,6 @@ position) that no earlier run touched keeps its grid number.
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import os
 import time
 from collections import Counter
@@ -33,8 +31,7 @@ import pyarrow as pa
 from facepipe.alignment import estimate_norm, warp_crops
 from facepipe.engine.job import Unit
 from facepipe.faces import detect_padded, pad_image
-from facepipe.io.atomic import atomic_write_bytes, cleanup_temporaries
-from facepipe.io.digest import digest_strings, file_fingerprint
+from facepipe.io.atomic import cleanup_temporaries
 from facepipe.io.images import ImageDecodeError, decode_image_bounded
 from facepipe.pipeline.face_choice import KEEP_MODES, choose_faces
 from facepipe.pipeline.manifest import (
@@ -207,46 +204,13 @@ def align_detector(config: AlignConfig, onnx_model: str | None = None, device: s
 
 
 def exported_retinaface(config: AlignConfig, scratch: Path, device: str) -> str | None:
-    """The ONNX file workers load when each would otherwise export the network itself (``retinaface`` on CPU
-    with the onnxruntime backend; None otherwise).
+    """The cached ONNX export of the detector that workers on ``device`` load instead of exporting it each
+    (``facepipe.detection.onnx_cache``); None when there is none to share (landmarks file, GPU, other detector)."""
+    from facepipe.detection.onnx_cache import worker_onnx_model
 
-    Cached under ``<cache_dir>/onnx`` per (weights, torch version, network and export code), so later runs
-    neither export nor import torch here. A read-only cache falls back to ``scratch`` (this run only). Same
-    graph: same detections.
-    """
-    options = config.detector_options
-    if config.detector != "retinaface" or device != "cpu" or config.landmarks_file is not None:
+    if config.landmarks_file is not None:
         return None
-    if options.get("fp16") or options.get("backend", "auto") not in ("auto", "onnxruntime"):
-        return None
-    if any(importlib.util.find_spec(name) is None for name in ("onnx", "onnxruntime")):
-        return None  # auto runs torch; an explicit onnxruntime fails in the workers with its own message
-    from facepipe.models.checkpoint import cache_dir
-    from facepipe.weights import bundled
-
-    weights = Path(config.detector_weights) if config.detector_weights is not None else bundled(BUNDLED_RETINAFACE)
-    if weights.suffix.lower() == ".onnx":
-        return None  # the workers load it directly
-    # a change to the network or the export code gives a new file (read, not imported: no torch here)
-    code = [Path(importlib.util.find_spec(m).origin).read_bytes().hex() for m in ("facepipe.models.retinaface", "facepipe.detection.backends")]
-    key = digest_strings([file_fingerprint(weights), importlib.metadata.version("torch"), importlib.metadata.version("onnx"), *code])
-    path = cache_dir() / "onnx" / f"retinaface-mnet0.25-{key[:20]}.onnx"
-    if path.is_file():
-        return str(path)
-    from facepipe.detection.backends import export_onnx
-    from facepipe.models.retinaface import retinaface_mnet025
-
-    data = export_onnx(retinaface_mnet025(weights=weights))
-    try:
-        # two runs may export at once: each publishes one complete file (umask permissions: others may read it)
-        atomic_write_bytes(path, data)
-    except OSError:  # read-only cache: this run only
-        path = scratch / path.name
-        atomic_write_bytes(path, data)
-    return str(path)
-
-
-BUNDLED_RETINAFACE = "retinaface_mobilenet0.25.pth"  # what retinaface_mnet025(pretrained=True) loads
+    return worker_onnx_model(config.detector, config.detector_weights, device, config.detector_options, scratch)
 
 
 # ------------------------------------------------------------------------------------------------ worker
