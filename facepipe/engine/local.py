@@ -92,8 +92,9 @@ def run_job(job: BatchJob, engine: str = "local", workers: int | None = 0, progr
     actor count when ``options`` (a ``RayOptions``, the Ray engine's only option) does not set one.
     """
     if engine == "local":
-        if engine_options:
-            raise TypeError(f"the local engine takes no {', '.join(engine_options)}")
+        given = [name for name, value in engine_options.items() if value is not None]
+        if given:
+            raise TypeError(f"the local engine takes no {', '.join(given)}")
         run_local(job, default_workers(job.device) if workers is None else workers, progress)
     elif engine == "ray":
         from dataclasses import replace

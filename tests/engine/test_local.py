@@ -135,18 +135,35 @@ class DyingLoader(PowerWorker):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def test_sigint_in_process_stops_between_batches():
-    class Interrupting(PowerJob):
-        def commit(self, unit, results):
-            super().commit(unit, results)
-            if unit.id == 0:
-                os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C would, during the run
+class InterruptingJob(PowerJob):
+    """Sends itself ``signum`` (as Ctrl-C or ``kill`` would) right after committing unit 0."""
 
-    job = Interrupting(n=12, unit=4, batch=2)
-    with pytest.raises(RunInterrupted, match=r"interrupted \(SIGINT\): 1 of 3 pending parts committed; rerun the same command") as caught:
-        run_local(job, workers=0, progress=False)
-    assert caught.value.exit_code == 130 and [unit for unit, _ in job.committed] == [0]
+    def __init__(self, signum: int, **settings: object) -> None:
+        super().__init__(**settings)
+        self.signum = signum
+
+    def commit(self, unit: Unit, results: list[pa.Table]) -> None:
+        super().commit(unit, results)
+        if unit.id == 0:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_or_sigterm_stops_between_commits_and_ends_the_workers(signum, workers):
+    import multiprocessing
+
+    job = InterruptingJob(signum, n=40, unit=4, batch=2)
+    name = signal.Signals(signum).name
+    with pytest.raises(RunInterrupted, match=rf"interrupted \({name}\): \d of 10 pending parts committed; rerun the same command to resume") as caught:
+        run_local(job, workers=workers, progress=False)
+    assert caught.value.exit_code == 128 + signum
+    committed = [unit for unit, _ in job.committed]
+    assert committed[0] == 0 and len(committed) < 10  # stopped: no new batch after the signal
+    assert all(table.num_rows == job.units[unit].items for unit, table in job.committed)  # whole units only
+    assert multiprocessing.active_children() == []  # workers terminated and reaped
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 # -------------------------------------------------------------------------- real align runs, interrupted
