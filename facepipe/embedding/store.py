@@ -405,11 +405,12 @@ class EmbedJob:
         overwrite: bool = False,
         detection: bool = False,
         det_scores: dict[str, float] | None = None,
+        items: Sequence[Item] | None = None,
     ) -> None:
         if shard_size < 1 or batch_size < 1:
             raise ValueError("shard_size and batch_size must be at least 1")
         self.started = time.perf_counter()
-        items = source.items()
+        items = source.items() if items is None else items  # (a caller that listed them already passes them)
         if not items:
             raise EmbeddingStoreError(f"no image files under {source.description}")
         self.keys = {item.key for item in items}
@@ -422,7 +423,11 @@ class EmbedJob:
         self.dtype = worker.spec.dtype
         self.store = EmbeddingStore(out_dir, detection)
         self.store.start({**settings, "embedding_size": self.dim}, overwrite=overwrite)
-        done = self.store.done_keys(self.key_column)
+        try:
+            done = self.store.done_keys(self.key_column)
+        except RunStateError as exc:  # a corrupt shard marker: say which, release the folder
+            self.store.abandon()
+            raise EmbeddingStoreError(str(exc)) from None
         self.removed = len(done - self.keys)
         pending = [item for item in items if item.key not in done]
         chunks = [pending[start : start + shard_size] for start in range(0, len(pending), shard_size)]
@@ -521,10 +526,11 @@ def embed_directory(
         source = open_crops(aligned_dir)
     except CropFolderError as exc:
         raise EmbeddingStoreError(str(exc)) from None
-    keys = [item.key for item in source.items()]
+    items = source.items()
     worker = CropEmbedder(reader_only(source), spec, device=device, batch_size=batch_size, threads=threads)
-    scores = read_align_scores(aligned_dir, source, keys)
-    with EmbedJob(source, out_dir, worker, run_settings(spec, aligned_dir), shard_size, batch_size, overwrite, det_scores=scores) as job:
+    scores = read_align_scores(aligned_dir, source, [item.key for item in items])
+    settings = run_settings(spec, aligned_dir)
+    with EmbedJob(source, out_dir, worker, settings, shard_size, batch_size, overwrite, det_scores=scores, items=items) as job:
         return run_job(job, engine=engine, workers=workers, progress=progress, **engine_options)
 
 

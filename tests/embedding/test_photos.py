@@ -93,3 +93,20 @@ def test_keep_all_gives_a_row_per_face_and_growing_photos_do_only_the_new_ones(p
     assert max(float(np.dot(matrix[i], alone)) for i in pair["index"]) > 0.9  # the same face, found in the pair
     with pytest.raises(EmbeddingStoreError, match="detect_keep"):
         embed_photos(root, out, EmbedSpec(), DetectSpec(keep="largest"), progress=False)
+
+
+def test_raw_photos_to_a_gallery_in_one_command(photos, tmp_path):
+    """The README's two commands: `embed photos/ --detect` then `index build`."""
+    runner = CliRunner()
+    result = runner.invoke(cli, ["embed", str(photos), "--detect", "--out", str(tmp_path / "emb"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "7 photos: 7 embedded now" in result.output and "5 faces, 1 without a face, 1 unreadable" in result.output
+    result = runner.invoke(cli, ["index", "build", str(tmp_path / "emb"), "--out", str(tmp_path / "gallery.faiss")])
+    assert result.exit_code == 0, result.output
+    mapping = pd.read_parquet(tmp_path / "gallery.faiss.parquet")
+    assert sorted(mapping["path"]) == sorted(n for n in NAMES) and set(mapping["identity"]) == {n.rsplit("/", 1)[0] for n in NAMES}
+    for wrong in (["--keep", "all"], ["--pad-ratio", "0.2"]):  # detection options without --detect: one line
+        result = runner.invoke(cli, ["embed", str(photos), "--out", str(tmp_path / "x"), *wrong])
+        assert result.exit_code == 2 and "only apply with --detect" in result.output
+    result = runner.invoke(cli, ["embed", str(photos / NAMES[0]), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "raw photos: add --detect" in result.output
