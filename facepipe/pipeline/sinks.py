@@ -177,8 +177,17 @@ class DirectorySink:
         self.discard(names)
 
     def discard(self, names: Sequence[str]) -> None:
+        """Delete the crops, then the folders that held only them (a shrunk data set leaves no empty tree)."""
+        folders: set[Path] = set()
         for name in names:
-            _inside(self.root, name).unlink(missing_ok=True)
+            path = _inside(self.root, name)
+            path.unlink(missing_ok=True)
+            folders.update(p for p in path.parents if p != self.root and self.root in p.parents)
+        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass  # not empty (other crops), or already gone
 
     def finish(self, crops: Sequence[CommittedCrop], labels: dict[str, int]) -> None:
         pass

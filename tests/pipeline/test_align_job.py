@@ -151,6 +151,7 @@ def test_shrinking_input_removes_the_outputs_of_gone_inputs(tmp_path):
         _align(src, tmp_path / f"fresh-{sink}", lm, chunk_size=2, sink_kind=sink)
         assert _manifest(out / sink / "manifest.parquet") == _manifest(tmp_path / f"fresh-{sink}" / "manifest.parquet")
     assert sorted(_files(out / "dir")) == ["a/1.png", "b/1.png", "b/2.png"]
+    assert not (out / "dir" / "c").exists()  # the folder that held only gone crops
     members = []
     for shard in sorted((out / "tar" / "shards").glob("*.tar")):
         with tarfile.open(shard) as tar:
