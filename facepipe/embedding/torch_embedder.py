@@ -5,7 +5,6 @@ The model's ``ModelConfig`` is the single source of its preprocessing: colour or
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -143,10 +142,10 @@ def _use_onnxruntime(backend: str, device: str, options: dict[str, Any]) -> bool
 def exported_onnx_path(name: str, model: nn.Module, weights: str | os.PathLike) -> Path:
     """Our model exported to ONNX once per (architecture, weights file, torch version), cached on disk."""
     from facepipe.embedding.onnx_embedder import export_onnx  # lazily: onnx is an optional extra
-    from facepipe.io.digest import file_fingerprint
+    from facepipe.io.digest import digest_strings, file_fingerprint
     from facepipe.models.checkpoint import cache_dir
 
-    key = hashlib.sha256(f"{name}|{file_fingerprint(weights)}|{torch.__version__}".encode()).hexdigest()[:20]
+    key = digest_strings([name, file_fingerprint(weights), torch.__version__])[:20]
     path = cache_dir() / "onnx" / f"{name}-{key}.onnx"
     if path.is_file():
         return path
