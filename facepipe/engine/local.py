@@ -227,7 +227,7 @@ def _run_in_pool(job: BatchJob, units: Sequence[Unit], workers: int, collector: 
                 if collector.add(task, table):
                     open_units.remove(task.unit)
             for died in deaths:
-                retry = _after_death(job, died, collector, open_units, collector.progress)
+                retry = _after_death(job, died, collector, open_units)
                 todo.extendleft(reversed(retry))  # back to the front, in batch order
                 if todo or pool.in_flight():
                     pool.grow(1)
@@ -235,7 +235,7 @@ def _run_in_pool(job: BatchJob, units: Sequence[Unit], workers: int, collector: 
         pool.close(terminate=stop.signum is not None or bool(todo) or bool(pool.in_flight()))
 
 
-def _after_death(job: BatchJob, died: "_Died", collector: _Collector, open_units: list[int], progress: JobProgress) -> list[_Task]:
+def _after_death(job: BatchJob, died: "_Died", collector: _Collector, open_units: list[int]) -> list[_Task]:
     """The died worker's tasks: the one it was running is charged an attempt (and recorded as failed after
     ``MAX_RETRIES`` retries); the ones queued behind it go back as they were."""
     retry = list(died.untouched)
@@ -244,11 +244,11 @@ def _after_death(job: BatchJob, died: "_Died", collector: _Collector, open_units
             task.attempts += 1
             if task.attempts > MAX_RETRIES:
                 reason = f"worker process died {task.attempts} times on this batch ({died.cause})"
-                progress.failed_batches.append(reason)
+                collector.progress.failed_batches.append(reason)
                 if collector.add(task, job.failed(task.batch, reason)):
                     open_units.remove(task.unit)
                 continue
-            progress.retried_batches += 1
+            collector.progress.retried_batches += 1
         retry.append(task)
     return retry
 
