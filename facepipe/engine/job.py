@@ -15,7 +15,7 @@ Rules every job keeps, so that any engine can run it:
   batch gives at least one row (engines count a batch done by its table, and progress by its rows);
 - ``commit`` writes the unit's outputs, then its marker (``facepipe.io.run_state``).
 
-Jobs never import an engine; commands choose the engine (``facepipe.engine.run_job``).
+Jobs never import an engine; commands choose the engine (``facepipe.engine.local.run_job``).
 """
 
 from __future__ import annotations
