@@ -8,11 +8,12 @@ manifest store (``manifest.ManifestStore``, a ``RunState``).
 
 **Growing data sets.** The input list is not a setting. A rerun on an input that gained files aligns only the
 new ones (as new chunks, in input order) and keeps the finished ones; a rerun on an input that lost files deletes
-the outputs of the files that are gone (counted in the summary) and drops their rows. The manifest is then
+the outputs of the files that are gone (counted in the summary) and drops their rows; an input that shares no
+file with the run is refused (a wrong INPUT or ``--root`` must not empty the folder). The manifest is then
 rewritten for the current input. Changed *settings* are refused unless ``--overwrite``, which first deletes what
-the old settings wrote. A run that nothing interrupted, on an input nothing was added to, gives the same chunks,
-names, outputs and manifest as before this scheme: a chunk of the fixed grid (``chunk_size`` items by input
-position) that no earlier run touched keeps its grid number.
+the old settings wrote. Fresh and resumed runs are chunked by the fixed grid (``chunk_size`` items by input
+position): a grid chunk that no committed part touched keeps its grid number, so they give the same chunks,
+names, outputs and manifest as an uninterrupted run.
 """
 
 from __future__ import annotations
