@@ -467,3 +467,28 @@ def test_every_output_file_is_readable_by_all_under_umask_022(tmp_path):
             "labels.tsv", "chunk-000000.tar"} <= names
     unreadable = [str(p) for p in files if stat.S_IMODE(p.stat().st_mode) & 0o044 != 0o044]
     assert unreadable == []
+
+
+# ------------------------------------------------------------------------------------------------ old or broken state
+
+
+def test_unreadable_or_old_run_state_is_refused_until_overwrite(tmp_path):
+    src, lm = tmp_path / "in", tmp_path / "lm.txt"
+    _add(src, ["a.png"])
+    out = tmp_path / "out"
+    _align(src, out, lm)
+    run_file = out / ".facepipe" / "run.json"
+    run_file.write_text("{not json")
+    with pytest.raises(RunStateError, match="unreadable"):
+        _align(src, out, lm)
+    assert _align(src, out, lm, overwrite=True).processed == 1
+    # a folder written before the job layer: its settings held the input list, its landmarks another layout
+    import json
+
+    settings = json.loads(run_file.read_text())
+    del settings["manifest_version"]
+    run_file.write_text(json.dumps({**settings, "inputs": 1, "inputs_digest": "0" * 64}))
+    with pytest.raises(RunStateError, match="inputs, inputs_digest, manifest_version differ"):
+        _align(src, out, lm)
+    assert _align(src, out, lm, overwrite=True).processed == 1
+    assert sorted(_files(out)) == ["a.png"]
