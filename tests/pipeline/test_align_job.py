@@ -414,6 +414,35 @@ def test_disk_full_gives_one_line_and_a_rerun_completes(tmp_path):
         subprocess.run(["umount", str(small)], check=True)
 
 
+def test_disk_full_injected_in_a_sink_write_gives_one_line_and_nothing_half_written(tmp_path, monkeypatch):
+    """The same without root: the 5th crop's write fails with ENOSPC."""
+    src, lm = tmp_path / "in", tmp_path / "lm.txt"
+    _add(src, [f"{i}.png" for i in range(8)])
+    _landmarks(src, lm)
+    out = tmp_path / "out"
+    args = ["align", str(src), "--out", str(out), "--landmarks", str(lm), "--format", "png", "--chunk-size", "2",
+            "--workers", "0", "--no-progress"]
+    real, calls = sinks.publish, [0]
+
+    def publish(tmp, path, fsync=False):
+        calls[0] += 1
+        if calls[0] == 5:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(tmp, path, fsync)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sinks, "publish", publish)
+        result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and len(result.output.splitlines()) == 1
+    assert result.output.startswith("Error: no space left on the device writing") and "4.png" in result.output
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name] and not (out / "manifest.parquet").exists()
+    assert sorted(p.name for p in (out / ".facepipe" / "parts").iterdir()) == ["chunk-000000.parquet", "chunk-000001.parquet"]
+    done = CliRunner().invoke(main, args)
+    assert done.exit_code == 0 and "4 images processed (4 already done)" in done.output
+    run_align(_config(src, lm), directory_source(src), tmp_path / "ref", chunk_size=2, workers=0, progress=False)
+    assert _files(out) == _files(tmp_path / "ref")
+
+
 # ------------------------------------------------------------------------------------------------ names as bytes
 
 
