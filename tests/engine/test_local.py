@@ -238,7 +238,7 @@ def outputs(root: Path) -> dict[str, bytes]:
 def start_align(faces: Path, out: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     return subprocess.Popen([sys.executable, "-m", "facepipe", "align", str(faces), "--out", str(out), *ALIGN_ARGS],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def committed(out: Path) -> int:
@@ -252,7 +252,7 @@ def test_sigint_stops_with_one_line_leaves_no_process_and_the_rerun_resumes(face
     run = start_align(faces, out)
     assert wait_until(lambda: committed(out) >= 1, 120), run.communicate()
     family = descendants(run.pid)
-    run.send_signal(signal.SIGINT)
+    os.killpg(run.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the main process, workers, forkserver, tracker
     stdout, stderr = run.communicate(timeout=60)
     assert run.returncode == 130, stderr
     lines = stderr.strip().splitlines()
