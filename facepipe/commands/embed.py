@@ -84,9 +84,9 @@ def embed(
     input: only the new ones; removed inputs leave the manifest).
     """
     from facepipe.commands.align import _parse_options as parse_options  # the one KEY=VALUE reader
-    from facepipe.embedding.photos import DetectSpec, embed_photos
-    from facepipe.embedding.store import EmbeddingStoreError, EmbedSpec, embed_directory
-    from facepipe.engine.local import RunInterrupted
+    from facepipe.embedding.photos import DetectSpec, embed_photos_job
+    from facepipe.embedding.store import EmbeddingStoreError, EmbedSpec, embed_directory_job
+    from facepipe.engine.local import RunInterrupted, run_job
     from facepipe.engine.ray_engine import RayEngineError
     from facepipe.models.checkpoint import CheckpointError
     from facepipe.pipeline.sources import SourceError
@@ -122,13 +122,13 @@ def embed(
                 detector=detector, detector_weights=str(Path(detector_weights).resolve()) if detector_weights else None,
                 detector_options=parse_options(detector_options), keep=keep, min_score=min_score, pad_ratio=pad_ratio,
             )
-            summary = embed_photos(input_path, out_dir, spec, detect_spec, device=device, batch_size=batch_size or 8,
-                                   shard_size=shard_size, threads=threads, overwrite=overwrite, progress=progress,
-                                   engine=engine, workers=0, **engine_kwargs)
+            job = embed_photos_job(input_path, out_dir, spec, detect_spec, device=device, batch_size=batch_size or 8,
+                                   shard_size=shard_size, threads=threads, overwrite=overwrite)
         else:
-            summary = embed_directory(input_path, out_dir, spec, device=device, batch_size=batch_size or 64,
-                                      shard_size=shard_size, threads=threads, overwrite=overwrite, progress=progress,
-                                      engine=engine, workers=0, **engine_kwargs)
+            job = embed_directory_job(input_path, out_dir, spec, device=device, batch_size=batch_size or 64,
+                                      shard_size=shard_size, threads=threads, overwrite=overwrite)
+        with job:
+            summary = run_job(job, engine=engine, workers=0, progress=progress, **engine_kwargs)
     except RunInterrupted as exc:  # one line, no traceback; committed shards stay
         click.echo(str(exc), err=True)
         click.get_current_context().exit(exc.exit_code)

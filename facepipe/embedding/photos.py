@@ -193,6 +193,30 @@ class FaceEmbedder:
         return results_table(paths, batch, self.spec.dtype, det_scores=scores, detection=detection)
 
 
+def embed_photos_job(
+    photos: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    spec: EmbedSpec,
+    detect: DetectSpec,
+    device: str = "cpu",
+    batch_size: int = 8,
+    shard_size: int = 50_000,
+    threads: int | None = None,
+    overwrite: bool = False,
+) -> EmbedJob:
+    """The started ``--detect`` run over every photo at ``photos`` (a folder tree, an image, a file list or a
+    ``.rec``), for an engine to run: it resumes, and embeds only photos no finished shard holds."""
+    from facepipe.pipeline.align import exported_retinaface
+
+    source = open_source(photos)
+    worker = FaceEmbedder(reader_only(source), detect, spec, device=device, threads=threads)
+    if device == "cpu":  # workers load RetinaFace exported once, here (as align's do)
+        scratch = Path(tempfile.gettempdir())  # where the export goes if the cache is read-only (this run only)
+        worker.onnx_detector = exported_retinaface(detect.align_config(worker.crop_size, device), scratch, device)
+    settings = {**run_settings(spec, photos), **{f"detect_{k}": v for k, v in asdict(detect).items()}}
+    return EmbedJob(source, out_dir, worker, settings, shard_size, batch_size, overwrite, detection=True)
+
+
 def embed_photos(
     photos: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -208,16 +232,8 @@ def embed_photos(
     workers: int | None = 0,
     **engine_options: Any,
 ) -> EmbedSummary:
-    """Detect, align and embed every photo at ``photos`` (a folder tree, an image, a file list or a ``.rec``) into
-    the embedding folder ``out_dir``; resumes, and embeds only photos no finished shard holds."""
+    """``embed_photos_job`` run to the end on an engine (a convenience for scripts and tests)."""
     from facepipe.engine.local import run_job
-    from facepipe.pipeline.align import exported_retinaface
 
-    source = open_source(photos)
-    worker = FaceEmbedder(reader_only(source), detect, spec, device=device, threads=threads)
-    if device == "cpu":  # workers load RetinaFace exported once, here (as align's do)
-        scratch = Path(tempfile.gettempdir())  # where the export goes if the cache is read-only (this run only)
-        worker.onnx_detector = exported_retinaface(detect.align_config(worker.crop_size, device), scratch, device)
-    settings = {**run_settings(spec, photos), **{f"detect_{k}": v for k, v in asdict(detect).items()}}
-    with EmbedJob(source, out_dir, worker, settings, shard_size, batch_size, overwrite, detection=True) as job:
+    with embed_photos_job(photos, out_dir, spec, detect, device, batch_size, shard_size, threads, overwrite) as job:
         return run_job(job, engine=engine, workers=workers, progress=progress, **engine_options)

@@ -50,7 +50,8 @@ from facepipe.pipeline.sources import FileSource, Item, RecordIOSource, Source, 
 
 __all__ = [
     "MANIFEST_NAME", "MANIFEST_SCHEMA", "RUN_FILE", "CropEmbedder", "EmbedJob", "EmbedSpec", "EmbedSummary",
-    "EmbeddedBatch", "EmbeddingStore", "EmbeddingStoreError", "embed_directory", "iter_shards", "list_crops",
+    "EmbeddedBatch", "EmbeddingStore", "EmbeddingStoreError", "embed_directory", "embed_directory_job", "iter_shards",
+    "list_crops",
     "load_embeddings", "read_manifest",
 ]
 
@@ -503,6 +504,31 @@ def read_align_scores(aligned_dir: Path, source: Source, keys: Sequence[str]) ->
     return scores
 
 
+def embed_directory_job(
+    aligned_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    spec: EmbedSpec,
+    device: str = "cpu",
+    batch_size: int = 64,
+    shard_size: int = 50_000,
+    threads: int | None = None,
+    overwrite: bool = False,
+) -> EmbedJob:
+    """The started embed run over every crop at ``aligned_dir`` (any layout ``open_crops`` reads), for an engine to
+    run (``facepipe.engine.run_job``): it resumes a run with the same settings, embedding only the crops no
+    finished shard holds."""
+    aligned_dir = Path(aligned_dir)
+    try:
+        source = open_crops(aligned_dir)
+    except CropFolderError as exc:
+        raise EmbeddingStoreError(str(exc)) from None
+    items = source.items()
+    worker = CropEmbedder(reader_only(source), spec, device=device, batch_size=batch_size, threads=threads)
+    scores = read_align_scores(aligned_dir, source, [item.key for item in items])
+    settings = run_settings(spec, aligned_dir)
+    return EmbedJob(source, out_dir, worker, settings, shard_size, batch_size, overwrite, det_scores=scores, items=items)
+
+
 def embed_directory(
     aligned_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -517,20 +543,10 @@ def embed_directory(
     workers: int | None = 0,
     **engine_options: Any,
 ) -> EmbedSummary:
-    """Embed every crop at ``aligned_dir`` (any layout ``open_crops`` reads) into ``out_dir``: resumes a run
-    with the same settings, embedding only the crops no finished shard holds."""
+    """``embed_directory_job`` run to the end on an engine (a convenience for scripts and tests)."""
     from facepipe.engine.local import run_job
 
-    aligned_dir = Path(aligned_dir)
-    try:
-        source = open_crops(aligned_dir)
-    except CropFolderError as exc:
-        raise EmbeddingStoreError(str(exc)) from None
-    items = source.items()
-    worker = CropEmbedder(reader_only(source), spec, device=device, batch_size=batch_size, threads=threads)
-    scores = read_align_scores(aligned_dir, source, [item.key for item in items])
-    settings = run_settings(spec, aligned_dir)
-    with EmbedJob(source, out_dir, worker, settings, shard_size, batch_size, overwrite, det_scores=scores, items=items) as job:
+    with embed_directory_job(aligned_dir, out_dir, spec, device, batch_size, shard_size, threads, overwrite) as job:
         return run_job(job, engine=engine, workers=workers, progress=progress, **engine_options)
 
 
