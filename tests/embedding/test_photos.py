@@ -1,6 +1,7 @@
 """`facepipe embed PHOTOS --detect`: one pass equals `align` + `embed` (exactly with PNG crops, within JPEG noise
 with JPEG crops), with the detection columns, one row per face with --keep all, and growing inputs."""
 
+import pickle
 import shutil
 
 import cv2
@@ -110,3 +111,19 @@ def test_raw_photos_to_a_gallery_in_one_command(photos, tmp_path):
         assert result.exit_code == 2 and "only apply with --detect" in result.output
     result = runner.invoke(cli, ["embed", str(photos / NAMES[0]), "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "raw photos: add --detect" in result.output
+
+
+def test_face_embedder_pickles_without_its_models_and_gives_the_same_rows(photos):
+    from facepipe.embedding.photos import FaceEmbedder
+    from facepipe.embedding.store import embeddings_of
+    from facepipe.pipeline.sources import directory_source
+
+    source = directory_source(photos)
+    items = [item for item in source.items() if item.key in (NAMES[0], "blank.png")]
+    worker = FaceEmbedder(source, DetectSpec(), EmbedSpec())
+    first = worker(items)
+    clone = pickle.loads(pickle.dumps(worker))
+    assert clone._embedder is None and clone._detector is None
+    again = clone(items)
+    assert again.column("status").to_pylist() == ["ok", "no_face"] == first.column("status").to_pylist()
+    np.testing.assert_array_equal(embeddings_of(again), embeddings_of(first))
