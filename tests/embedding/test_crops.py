@@ -70,6 +70,11 @@ def test_recordio_embeds_like_the_folder_with_the_identity_names_of_labels_tsv(e
 def test_realigning_a_recordio_keeps_the_identity_names(aligned, tmp_path):
     keys = [item.key for item in RecordIOSource(aligned / "recordio" / "train.rec").items()]
     assert keys == [f"{name.rsplit('/', 1)[0]}/{k}.jpg" for k, name in enumerate(NAMES, 1)]
+    result = CliRunner().invoke(cli, ["align", str(aligned / "recordio" / "train.rec"), "--out", str(tmp_path / "again"),
+                                      "--retry-padded", "--workers", "0", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    crops = sorted(p.relative_to(tmp_path / "again").as_posix() for p in (tmp_path / "again").rglob("*.jpg"))
+    assert crops and set(crops) <= set(keys)  # identity folders by name (001/frontal/...), not by label number
     (tmp_path / "bare").mkdir()
     for name in ("train.rec", "train.idx"):
         shutil.copy(aligned / "recordio" / name, tmp_path / "bare" / name)
