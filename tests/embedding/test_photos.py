@@ -74,7 +74,7 @@ def test_photos_without_a_face_or_unreadable_keep_a_row(one_pass):
     assert rows.loc["blank.png", "box"] is None and not matrix[int(rows.loc["blank.png", "index"])].any()
 
 
-def test_keep_all_gives_a_row_per_face_and_growing_photos_do_only_the_new_ones(photos, tmp_path):
+def test_keep_all_gives_a_row_per_face_and_growing_or_shrinking_photos_redo_nothing(photos, tmp_path):
     root = tmp_path / "photos"
     shutil.copytree(photos / "001", root / "001")
     left, right = (cv2.imread(str(photos / name)) for name in (NAMES[0], NAMES[2]))
@@ -92,6 +92,10 @@ def test_keep_all_gives_a_row_per_face_and_growing_photos_do_only_the_new_ones(p
     assert pair["path"].tolist() == ["pair.png#0", "pair.png#1"]
     alone = matrix[int(manifest.set_index("path").loc[f"{NAMES[0]}#0", "index"])]
     assert max(float(np.dot(matrix[i], alone)) for i in pair["index"]) > 0.9  # the same face, found in the pair
+    (root / "001" / "frontal" / "02.jpg").unlink()
+    summary = embed_photos(root, out, EmbedSpec(), detect, progress=False)
+    assert (summary.total, summary.embedded, summary.removed, summary.faces) == (2, 0, 1, 3)
+    assert "001/frontal/02.jpg" not in set(load_embeddings(out)[1]["source"])
     with pytest.raises(EmbeddingStoreError, match="detect_keep"):
         embed_photos(root, out, EmbedSpec(), DetectSpec(keep="largest"), progress=False)
 
