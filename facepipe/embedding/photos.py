@@ -153,15 +153,15 @@ class FaceEmbedder:
         return pa.concat_tables([self([item]) for item in batch])
 
     def _embed_photos(self, photos: list[_Photo]) -> pa.Table:
-        good = [p for p in photos if p.image is not None]
-        found = dict(zip((id(p) for p in good), detect_padded(self.detector, [p.image for p in good], self.detect.pad_ratio)))
+        decoded = [photo.image for photo in photos if photo.image is not None]
+        detections = iter(detect_padded(self.detector, decoded, self.detect.pad_ratio))  # in the photos' order
         rows: list[tuple[str, Face | None, str, str]] = []  # (photo key, face in photo pixels, status, reason)
         crops: list[np.ndarray] = []
         for photo in photos:
             if photo.image is None:
                 rows.append((photo.key, None, "error", photo.error))
                 continue
-            faces = choose_faces(found[id(photo)], photo.image.shape, self.detect.keep, self.detect.min_score)
+            faces = choose_faces(next(detections), photo.image.shape, self.detect.keep, self.detect.min_score)
             if not faces:
                 rows.append((photo.key, None, "no_face", "no face detected"))
                 continue
