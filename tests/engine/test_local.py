@@ -279,7 +279,7 @@ def test_kill_9_of_the_main_process_takes_its_workers_with_it(faces, tmp_path):
     family = descendants(run.pid)
     assert len(family) >= 3  # forkserver (+ its 2 workers), resource tracker
     run.kill()
-    run.communicate()
+    run.wait()  # not communicate(): orphans that inherited its stdout would keep the pipe open
     assert wait_until(lambda: not alive(family), 5), f"left running: {alive(family)}"
 
 
