@@ -33,6 +33,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pyarrow as pa
 
+from facepipe.engine.job import BatchJob, JobProgress
+from facepipe.engine.local import limit_threads
+
 RAY_INSTALL_HINT = "the Ray engine needs Ray Data: pip install 'facepipe[ray]'"
 ENGINES = ("local", "ray")
 
@@ -137,13 +140,6 @@ def resolve_actors(resources: dict[str, float], options: RayOptions) -> _Resolve
     return _Resolved(actors, num_gpus, options.num_cpus, "cuda" if num_gpus > 0 else "cpu", max(1, int(options.num_cpus)))
 
 
-def _limit_threads(threads: int) -> None:
-    """An actor's thread budget is its CPU share: Ray packs actors by ``num_cpus``, torch would take every core."""
-    from facepipe.engine.local import limit_threads
-
-    limit_threads(threads)
-
-
 BATCH_COLUMN = "__batch"  # the engine's bookkeeping columns on a worker's result table (dropped before commit)
 ROWS_COLUMN = "__rows"
 
@@ -153,7 +149,7 @@ class _BatchActor:
     result tables come back as Arrow, with the batch id and the batch's row count added."""
 
     def __init__(self, worker: Any, threads: int) -> None:
-        _limit_threads(threads)
+        limit_threads(threads)  # its CPU share: Ray packs actors by num_cpus, torch would take every core
         self.worker = worker
         self.worker.prepare()
 
@@ -167,12 +163,10 @@ class _BatchActor:
         return pa.concat_tables(tables)
 
 
-def run_ray(job: Any, options: RayOptions = RayOptions(), progress: bool = True) -> Any:
-    """Run every pending unit of ``job`` (a ``BatchJob``) with an actor pool and commit it in this process, unit by
-    unit, results in batch order (``finish`` is the caller's: ``facepipe.engine.run_job``)."""
+def run_ray(job: BatchJob, options: RayOptions = RayOptions(), progress: bool = True) -> JobProgress:
+    """Run every pending unit of ``job`` with an actor pool and commit it in this process, unit by unit, results in
+    batch order (``finish`` is the caller's: ``facepipe.engine.local.run_job``)."""
     from tqdm import tqdm
-
-    from facepipe.engine.job import JobProgress
 
     ray = init_ray(options)
     units = job.pending()
@@ -305,7 +299,7 @@ class IJBFeatureActor:
     """Until evalx's IJB-C ``BatchJob`` merges (then this and ``extract_ijb_features_ray`` go): Ray actor: an IJB-C ``FeatureExtractor`` (models loaded once) applied to descriptor rows of images."""
 
     def __init__(self, extractor: Callable[[dict], dict], threads: int) -> None:
-        _limit_threads(threads)
+        limit_threads(threads)  # its CPU share: Ray packs actors by num_cpus, torch would take every core
         self.extractor = extractor
 
     def __call__(self, batch: pa.Table) -> pa.Table:
