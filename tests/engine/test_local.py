@@ -245,7 +245,7 @@ def committed(out: Path) -> int:
     return len(list((out / ".facepipe" / "parts").glob("chunk-*.parquet")))
 
 
-@pytest.mark.slow  # a whole `facepipe align` process (torch, forkserver, workers): 15-85 s on 2 busy cores
+@pytest.mark.slow  # two whole `facepipe align` runs (torch, forkserver, workers): 28-85 s on 2 shared cores
 @linux_only
 def test_sigint_stops_with_one_line_leaves_no_process_and_the_rerun_resumes(faces, reference, tmp_path):
     out = tmp_path / "out"
@@ -270,7 +270,6 @@ def test_sigint_stops_with_one_line_leaves_no_process_and_the_rerun_resumes(face
     assert outputs(out) == outputs(reference)
 
 
-@pytest.mark.slow  # a whole `facepipe align` process (torch, forkserver, workers): 15-85 s on 2 busy cores
 @linux_only
 def test_kill_9_of_the_main_process_takes_its_workers_with_it(faces, tmp_path):
     out = tmp_path / "out"
@@ -283,7 +282,6 @@ def test_kill_9_of_the_main_process_takes_its_workers_with_it(faces, tmp_path):
     assert wait_until(lambda: not alive(family), 5), f"left running: {alive(family)}"
 
 
-@pytest.mark.slow  # a whole `facepipe align` process (torch, forkserver, workers): 15-85 s on 2 busy cores
 @linux_only
 def test_kill_9_of_one_worker_is_retried_and_the_run_completes(faces, reference, tmp_path):
     out = tmp_path / "out"
