@@ -392,7 +392,7 @@ def _worker_main(tasks: multiprocessing.connection.Connection, results: multipro
     while (message := inbox.get()) is not None:
         try:
             table = worker(message[0])
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - a job bug (items' failures are rows): the parent re-raises it
             results.send(("error", _portable(exc)))
             return
         results.send(("result", table))
@@ -417,9 +417,15 @@ def _receive(tasks: multiprocessing.connection.Connection, inbox: queue.SimpleQu
 
 
 def _portable(exc: Exception) -> Exception:
-    """``exc`` if it survives pickling (so the command maps its type to one clear line), else its text."""
+    """``exc`` for the parent to raise: its type kept when it survives pickling (so the command maps it to one
+    clear line), its traceback in this process kept as a note (shown if the parent prints a traceback)."""
+    import traceback
+
+    where = "in a facepipe worker process:\n" + "".join(traceback.format_exception(exc)).rstrip()
     try:
-        pickle.loads(pickle.dumps(exc))
-        return exc
+        exc.add_note(where)
+        return pickle.loads(pickle.dumps(exc))
     except Exception:  # noqa: BLE001
-        return RuntimeError(f"{type(exc).__name__}: {exc}")
+        portable = RuntimeError(f"{type(exc).__name__}: {exc}")
+        portable.add_note(where)
+        return portable

@@ -120,6 +120,23 @@ def test_a_worker_that_cannot_prepare_fails_the_run_with_its_own_error(workers):
     assert job.committed == []
 
 
+@dataclass
+class BuggyWorker(PowerWorker):
+    def __call__(self, batch: tuple[int, ...]) -> pa.Table:
+        return {}[batch]  # a bug in a job's worker (an item's failure would be an error row instead)
+
+
+def test_a_bug_in_a_worker_ends_the_run_with_its_exception_and_the_workers_traceback():
+    class BuggyJob(PowerJob):
+        def worker(self, device=None):
+            return BuggyWorker()
+
+    with pytest.raises(KeyError) as caught:
+        run_local(BuggyJob(), workers=1, progress=False)
+    notes = "\n".join(getattr(caught.value, "__notes__", []))
+    assert "in a facepipe worker process" in notes and "return {}[batch]" in notes
+
+
 def test_a_worker_that_dies_while_loading_is_one_error(tmp_path):
     class DiesLoading(PowerJob):
         def worker(self, device=None):
