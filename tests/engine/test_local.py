@@ -262,7 +262,7 @@ def committed(out: Path) -> int:
     return len(list((out / ".facepipe" / "parts").glob("chunk-*.parquet")))
 
 
-@pytest.mark.slow  # two whole `facepipe align` runs (torch, forkserver, workers): 28-85 s on 2 shared cores
+@pytest.mark.slow  # two whole `facepipe align` runs (torch, forkserver, workers): 16-85 s on 2 shared cores
 @linux_only
 def test_sigint_stops_with_one_line_leaves_no_process_and_the_rerun_resumes(faces, reference, tmp_path):
     out = tmp_path / "out"
