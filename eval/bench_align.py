@@ -37,8 +37,9 @@ import numpy as np
 import torch
 
 from facepipe.alignment import norm_crop
+from facepipe.engine.local import default_workers
 from facepipe.io.images import read_image
-from facepipe.pipeline.align import AlignConfig, align_confidence_threshold, default_workers, run_align
+from facepipe.pipeline.align import AlignConfig, align_confidence_threshold, run_align
 from facepipe.pipeline.face_choice import choose_faces
 from facepipe.pipeline.sources import FileSource
 

@@ -49,8 +49,9 @@ def main() -> None:
     import ray
 
     from facepipe.embedding.store import EmbedSpec, embed_directory
-    from facepipe.engine.ray_engine import RayOptions, embed_directory_ray, run_align_ray
-    from facepipe.pipeline.align import AlignConfig, run_align
+    from facepipe.engine.local import run_job
+    from facepipe.engine.ray_engine import RayOptions
+    from facepipe.pipeline.align import AlignConfig, AlignJob, run_align
     from facepipe.pipeline.sources import directory_source
 
     work = Path(tempfile.mkdtemp(prefix="bench_ray_"))
@@ -70,7 +71,8 @@ def main() -> None:
 
         options = RayOptions(actors=args.workers)
         started = time.perf_counter()
-        run_align_ray(config, source, work / "align_ray", options, **common)
+        with AlignJob(config, source, work / "align_ray", batch_size=args.batch_size, chunk_size=args.chunk_size) as job:
+            run_job(job, "ray", progress=False, options=options)
         rows.append(("align", "ray", time.perf_counter() - started))
         same_align = files(work / "align_local") == files(work / "align_ray")
 
@@ -80,8 +82,8 @@ def main() -> None:
                         threads=args.workers, progress=False)
         rows.append(("embed", "local", time.perf_counter() - started))
         started = time.perf_counter()
-        embed_directory_ray(work / "align_local", work / "emb_ray", spec, options, batch_size=32, shard_size=args.chunk_size,
-                            progress=False)
+        embed_directory(work / "align_local", work / "emb_ray", spec, batch_size=32, shard_size=args.chunk_size,
+                        progress=False, engine="ray", options=options)
         rows.append(("embed", "ray", time.perf_counter() - started))
         same_embed = files(work / "emb_local") == files(work / "emb_ray")
         ray.shutdown()

@@ -20,14 +20,19 @@ from facepipe.engine.cli_options import engine_option, engine_options, num_gpus_
 
 
 def _parse_size(value: str) -> int | tuple[int, int]:
-    """``112`` (square) or ``HxW`` such as ``112x96``."""
+    """``112`` (square) or ``HxW`` such as ``112x96``; sides must be positive."""
     try:
         if "x" in value.lower():
             height, width = (int(v) for v in value.lower().split("x"))
-            return height if height == width else (height, width)
-        return int(value)
+            size: int | tuple[int, int] = height if height == width else (height, width)
+        else:
+            height = width = int(value)
+            size = height
     except ValueError:
-        raise click.BadParameter(f"{value!r}: expected a size like 112, 224 or 112x96") from None
+        raise click.BadParameter(f"{value!r}: expected a size like 112, 224 or 112x96", param_hint="--size") from None
+    if height < 1 or width < 1:
+        raise click.BadParameter(f"{value!r}: sides must be positive", param_hint="--size")
+    return size
 
 
 @click.command()
@@ -49,9 +54,9 @@ def _parse_size(value: str) -> int | tuple[int, int]:
 @click.option("--pad-ratio", type=float, default=0.5, show_default=True, help="Padding per side, as a fraction of the longest side.")
 @click.option("--format", "image_format", type=click.Choice(["jpg", "png"]), default="jpg", show_default=True)
 @click.option("--jpeg-quality", type=click.IntRange(0, 100), default=95, show_default=True)
-@click.option("--max-pixels", type=int, default=50_000_000, show_default=True,
+@click.option("--max-pixels", type=click.IntRange(min=1), default=50_000_000, show_default=True,
               help="Pixel budget per decoded image: larger JPEGs are decoded at 1/2..1/8 size, other formats refused.")
-@click.option("--detect-max-side", type=int, default=2560, show_default=True,
+@click.option("--detect-max-side", type=click.IntRange(min=0), default=2560, show_default=True,
               help="Images with a longer side are downscaled for detection only (crops come from the full image); 0 = never.")
 @detector_option
 @detector_weights_option
@@ -65,7 +70,8 @@ def _parse_size(value: str) -> int | tuple[int, int]:
               help="Images per committed chunk (the unit of resume).")
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="For a file-list INPUT: folder that relative paths (and output names) are relative to.")
-@click.option("--overwrite", is_flag=True, help="Start over even if OUT holds a run with other settings.")
+@click.option("--overwrite", is_flag=True,
+              help="Start over even if OUT holds a run with other settings (deletes the crops that run wrote first).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @engine_option
 @ray_address_option
@@ -81,12 +87,14 @@ def align(
     """Align every image of INPUT (a folder tree, an image, a .txt/.lst list of paths, or a train.rec).
 
     Writes one crop per kept face and a manifest row per input (status ok / no_face / error with its reason).
-    Rerunning with the same options resumes: finished chunks are skipped.
+    Rerunning with the same options resumes: finished chunks are skipped, new inputs are aligned, and the outputs
+    of inputs that are gone are removed.
     """
+    from facepipe.engine.local import RunInterrupted, WorkerSetupError, run_job
     from facepipe.engine.ray_engine import RayEngineError
     from facepipe.io.recordio import RecordIOError
     from facepipe.models.checkpoint import CheckpointError
-    from facepipe.pipeline.align import AlignConfig, run_align
+    from facepipe.pipeline.align import AlignConfig, AlignJob
     from facepipe.pipeline.landmarks_file import LandmarksFileError
     from facepipe.pipeline.manifest import RunStateError
     from facepipe.pipeline.sources import SourceError, open_source
@@ -96,7 +104,6 @@ def align(
         device = resolve_device(device)  # on Ray, actors get GPUs through --num-gpus, not the driver's device
     if workers is not None and workers < 0:
         raise click.BadParameter("must be 0 or more", param_hint="--workers")
-    _check_writable(out_dir)
     detector, detector_weights = apply_pack(pack, detector, detector_weights)
     try:
         config = AlignConfig(
@@ -106,24 +113,35 @@ def align(
             detector_options=_parse_options(detector_options),
             landmarks_file=str(landmarks_file) if landmarks_file is not None else None, device=device,
         )
+    except ValueError as exc:  # bad option values: nothing is created
+        raise click.UsageError(str(exc)) from None
+    _check_writable(out_dir)
+    if manifest_path is not None:
+        _check_writable(manifest_path.parent)
+    try:
         source = open_source(input_path, root)
-        if ray_options is not None:
-            from facepipe.engine.ray_engine import run_align_ray
-
-            summary = run_align_ray(
-                config, source, out_dir, ray_options, sink_kind=sink, manifest_path=manifest_path,
-                batch_size=batch_size, chunk_size=chunk_size, overwrite=overwrite, progress=progress,
-            )
-        else:
-            summary = run_align(
-                config, source, out_dir, sink_kind=sink, manifest_path=manifest_path, workers=workers,
-                batch_size=batch_size, chunk_size=chunk_size, overwrite=overwrite, progress=progress,
-            )
-    except (SourceError, LandmarksFileError, RunStateError, CheckpointError, RecordIOError, RayEngineError) as exc:
+        with AlignJob(config, source, out_dir, sink, manifest_path, chunk_size, batch_size, overwrite) as job:
+            summary = run_job(job, engine, workers, progress, **({"options": ray_options} if ray_options else {}))
+    except RunInterrupted as exc:  # one line, no traceback; committed chunks stay
+        click.echo(str(exc), err=True)
+        click.get_current_context().exit(exc.exit_code)
+    except (SourceError, LandmarksFileError, RunStateError, CheckpointError, RecordIOError, RayEngineError,
+            WorkerSetupError) as exc:
         raise click.ClickException(str(exc)) from None
     except (ValueError, TypeError, FileNotFoundError, PermissionError) as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+    except OSError as exc:  # disk full, read-only file system...: committed chunks stay, a rerun resumes
+        raise click.ClickException(_os_error_line(exc)) from None
     click.echo(summary.format())
+
+
+def _os_error_line(exc: OSError) -> str:
+    import errno
+
+    where = f" writing {exc.filename}" if exc.filename else ""
+    if exc.errno == errno.ENOSPC or "No space left on device" in str(exc):  # pyarrow's errors carry no errno
+        return f"no space left on the device{where}; free some space and rerun the same command (finished chunks are kept)"
+    return f"{exc.strerror or exc}{where}; finished chunks are kept, rerun the same command to resume"
 
 
 def _parse_options(pairs: tuple[str, ...]) -> dict[str, object]:

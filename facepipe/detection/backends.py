@@ -88,10 +88,9 @@ def export_onnx(model: RetinaFace, path: str | os.PathLike | None = None, opset:
         )
     data = buffer.getvalue()
     if path is not None:
-        path = Path(path)
-        partial = path.with_name(path.name + ".part")
-        partial.write_bytes(data)
-        os.replace(partial, path)
+        from facepipe.io.atomic import atomic_write_bytes
+
+        atomic_write_bytes(path, data)
     return data
 
 

@@ -1,11 +1,18 @@
-"""The embedder interface and the factory the CLI and evaluations use."""
+"""The embedder interface, the crop contract every embedder shares, and the factory the CLI and evaluations use.
+
+This module imports neither torch nor onnxruntime: ``check_crops`` and ``preprocess`` live here so that each
+runtime's embedder depends on this module only, never on the other runtime's.
+"""
 
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from facepipe.models.registry import ModelConfig
 
 
 @runtime_checkable
@@ -89,6 +96,36 @@ def embed_in_batches(
     return out
 
 
+def check_crops(crops: np.ndarray, config: "ModelConfig") -> np.ndarray:
+    """Validate ``(N, H, W, 3)`` (or one ``(H, W, 3)``) uint8 BGR crops of the model's input size."""
+    crops = np.asarray(crops)
+    if crops.ndim == 3:
+        crops = crops[None]
+    if crops.ndim != 4 or crops.shape[-1] != 3:
+        raise ValueError(f"expected crops of shape (N, H, W, 3), got {crops.shape}")
+    if crops.dtype != np.uint8:
+        raise ValueError(f"expected uint8 BGR crops, got dtype {crops.dtype}")
+    if config.input_size is not None and tuple(crops.shape[1:3]) != tuple(config.input_size):
+        h, w = config.input_size
+        raise ValueError(
+            f"{config.name} expects aligned {h}x{w} crops, got {crops.shape[1]}x{crops.shape[2]}; "
+            f"align with `facepipe align --size {h}`" + ("" if h == w else f"x{w}")
+        )
+    return crops
+
+
+def preprocess(crops: np.ndarray, config: "ModelConfig") -> np.ndarray:
+    """``(N, H, W, 3)`` uint8 BGR -> ``(N, 3, H, W)`` float32 in the model's colour order and normalisation."""
+    crops = check_crops(crops, config)
+    if config.input_format == "RGB":
+        crops = crops[..., ::-1]
+    mean = np.asarray(config.mean, dtype=np.float32)
+    scale = 1.0 / np.asarray(config.std, dtype=np.float32)
+    x = (crops.astype(np.float32) - mean) * scale
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
 def l2_normalize(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
+    """Unit-length rows (zero rows stay zero): the one L2 normaliser of stored and queried embeddings."""
     norm = np.linalg.norm(x, axis=axis, keepdims=True)
     return x / np.maximum(norm, eps)

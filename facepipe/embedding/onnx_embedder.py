@@ -27,8 +27,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from facepipe.embedding.base import PairEmbedding, embed_in_batches
-from facepipe.embedding.torch_embedder import preprocess
+from facepipe.embedding.base import PairEmbedding, embed_in_batches, preprocess
+from facepipe.io.atomic import publish, temporary_path
 from facepipe.models.registry import ModelConfig
 
 INSIGHTFACE_MEAN = 127.5
@@ -272,18 +272,20 @@ def export_onnx(
         module = InGraphNormalisation(module, config).eval()
     height, width = config.input_size or (112, 112)
     path = Path(path)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.part")  # unique: processes may export the same file
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation on every call
-        torch.onnx.export(
-            module,
-            (torch.zeros(1, 3, height, width),),
-            str(partial),
-            input_names=["input.1"],
-            output_names=["embedding"],
-            dynamic_axes={"input.1": {0: "batch"}, "embedding": {0: "batch"}},
-            opset_version=opset,
-            dynamo=False,  # no onnxscript dependency; the graph is static apart from the batch axis
-        )
-    os.replace(partial, path)
-    return path
+    partial = temporary_path(path)  # unique: processes may export the same file, each rename leaves a whole one
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation on every call
+            torch.onnx.export(
+                module,
+                (torch.zeros(1, 3, height, width),),
+                str(partial),
+                input_names=["input.1"],
+                output_names=["embedding"],
+                dynamic_axes={"input.1": {0: "batch"}, "embedding": {0: "batch"}},
+                opset_version=opset,
+                dynamo=False,  # no onnxscript dependency; the graph is static apart from the batch axis
+            )
+        return publish(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)

@@ -5,7 +5,6 @@ The model's ``ModelConfig`` is the single source of its preprocessing: colour or
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -15,39 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from facepipe.embedding.base import Embedder, PairEmbedding, embed_in_batches
+from facepipe.embedding.base import Embedder, PairEmbedding, check_crops, embed_in_batches, preprocess
 from facepipe.models.mobilefacenet import DEFAULT_WEIGHTS
 from facepipe.models.registry import ModelConfig, create_model, get_config
 from facepipe.weights import bundled
-
-
-def check_crops(crops: np.ndarray, config: ModelConfig) -> np.ndarray:
-    """Validate ``(N, H, W, 3)`` (or one ``(H, W, 3)``) uint8 BGR crops of the model's input size."""
-    crops = np.asarray(crops)
-    if crops.ndim == 3:
-        crops = crops[None]
-    if crops.ndim != 4 or crops.shape[-1] != 3:
-        raise ValueError(f"expected crops of shape (N, H, W, 3), got {crops.shape}")
-    if crops.dtype != np.uint8:
-        raise ValueError(f"expected uint8 BGR crops, got dtype {crops.dtype}")
-    if config.input_size is not None and tuple(crops.shape[1:3]) != tuple(config.input_size):
-        h, w = config.input_size
-        raise ValueError(
-            f"{config.name} expects aligned {h}x{w} crops, got {crops.shape[1]}x{crops.shape[2]}; "
-            f"align with `facepipe align --size {h}`" + ("" if h == w else f"x{w}")
-        )
-    return crops
-
-
-def preprocess(crops: np.ndarray, config: ModelConfig) -> np.ndarray:
-    """``(N, H, W, 3)`` uint8 BGR -> ``(N, 3, H, W)`` float32 in the model's colour order and normalisation."""
-    crops = check_crops(crops, config)
-    if config.input_format == "RGB":
-        crops = crops[..., ::-1]
-    mean = np.asarray(config.mean, dtype=np.float32)
-    scale = 1.0 / np.asarray(config.std, dtype=np.float32)
-    x = (crops.astype(np.float32) - mean) * scale
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
 def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, bool]:
@@ -171,10 +141,11 @@ def _use_onnxruntime(backend: str, device: str, options: dict[str, Any]) -> bool
 
 def exported_onnx_path(name: str, model: nn.Module, weights: str | os.PathLike) -> Path:
     """Our model exported to ONNX once per (architecture, weights file, torch version), cached on disk."""
-    from facepipe.embedding.onnx_embedder import export_onnx
-    from facepipe.models.checkpoint import cache_dir, sha256_of
+    from facepipe.embedding.onnx_embedder import export_onnx  # lazily: onnx is an optional extra
+    from facepipe.io.digest import digest_strings, file_fingerprint
+    from facepipe.models.checkpoint import cache_dir
 
-    key = hashlib.sha256(f"{name}|{sha256_of(weights)}|{torch.__version__}".encode()).hexdigest()[:20]
+    key = digest_strings([name, file_fingerprint(weights), torch.__version__])[:20]
     path = cache_dir() / "onnx" / f"{name}-{key}.onnx"
     if path.is_file():
         return path

@@ -11,10 +11,11 @@ Rules every job keeps, so that any engine can run it:
   (``prepare`` builds it eagerly, so that bad weights fail before any work);
 - a worker's result for a batch is a ``pyarrow.Table`` (the job's result columns, defined once per job), which
   crosses process and Ray boundaries as Arrow, with ``num_rows`` = the items of the batch done (progress);
-- a failure inside a batch that concerns one item becomes that item's ``error`` row, not an exception;
+- a failure inside a batch that concerns one item becomes that item's ``error`` row, not an exception, so every
+  batch gives at least one row (engines count a batch done by its table, and progress by its rows);
 - ``commit`` writes the unit's outputs, then its marker (``facepipe.io.run_state``).
 
-Jobs never import an engine; commands choose the engine (``facepipe.engine.run_job``).
+Jobs never import an engine; commands choose the engine (``facepipe.engine.local.run_job``).
 """
 
 from __future__ import annotations
@@ -52,7 +53,10 @@ class BatchJob(Protocol):
 
     def pending(self) -> list[Unit]: ...
 
-    def worker(self) -> BatchWorker: ...
+    def worker(self, device: str | None = None) -> BatchWorker:
+        """The picklable worker, its model on ``device`` (``None``: the job's own ``device``; Ray actors get the
+        device their GPU share gives them)."""
+        ...
 
     def failed(self, batch: Any, reason: str) -> pa.Table:
         """The result table recording every item of ``batch`` as ``error`` with ``reason``: what an engine commits

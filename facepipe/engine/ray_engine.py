@@ -1,38 +1,40 @@
-"""Ray Data engine: the align, embed and IJB-C feature jobs of the local engines, run on a Ray cluster.
+"""Ray Data engine: runs any ``BatchJob`` (``facepipe.engine.job``: align, embed, IJB-C features) on a Ray cluster.
 
-What Ray replaces is only *how batches get processed*. The driver plans exactly as the local engine does
-(``AlignRun`` for align, the ``EmbeddingStore`` shards for embed, the ``FeatureCache`` shards for IJB-C), turns
-every pending batch into a small descriptor row (item keys and paths, never pixels: the driver stays light and
-the object store carries kilobytes), and maps a callable class over them with an actor pool (one model load per
-actor, GPU actors when asked). Each actor reads and decodes its own inputs, so the inputs must be reachable
-from every node (a shared file system, as for any Ray Data job). Results (encoded crops, manifest rows,
-embeddings) flow back to the driver, which commits them through the local engine's own writers, chunk by
-chunk: the same names, bytes and manifests as the local engine, the same atomic writes, the same resume.
-Batches are the local engine's batches (same boundaries), so even batch-dependent numerics match.
+What Ray replaces is only *how batches get processed*. The driver plans exactly as the local engine does (the
+job's ``pending()`` units and their batches), pickles every batch into a small descriptor row (item keys and
+paths, never pixels: the driver stays light and the object store carries kilobytes), and maps the job's worker
+(``job.worker(device)``, built once per actor, on GPU actors when asked) over them with an actor pool. Each actor
+reads and decodes its own inputs, so the inputs must be reachable from every node (a shared file system, as for
+any Ray Data job). The worker's results come back as Arrow tables (the job's result columns) and the driver
+commits them through ``job.commit``, unit by unit, in batch order: the same names, bytes and manifests as the
+local engine, the same atomic writes, the same resume. Batches are the local engine's batches (same
+boundaries), so even batch-dependent numerics match.
 
-Why the driver writes, not the actors: one writer keeps the commit protocol (outputs first, then the manifest
-part) and the RecordIO merge exactly as tested locally, and needs no shared writable file system. The cost is
-the crops' bytes through the driver: ~5 kB per 112x112 JPEG, so 10,000 images/s is ~50 MB/s, far below what
-one driver can write.
+Why the driver writes, not the actors: one writer keeps the commit protocol (outputs first, then the part) and
+the RecordIO merge exactly as tested locally, and needs no shared writable file system. The cost is the crops'
+bytes through the driver: ~5 kB per 112x112 JPEG, so 10,000 images/s is ~50 MB/s, far below what one driver
+can write.
 
-Fault tolerance: actors are restarted (``max_restarts``) and their failed batches retried
-(``max_task_retries``) by Ray; a bad image never fails a batch (it is an ``error`` row, as locally). A batch that
-keeps failing ends the job after the retries, leaving every committed chunk in place for the rerun.
+Fault tolerance: when an actor dies (OOM kill, segfault), the pool is started again on the batches not yet back,
+up to ``RayOptions.max_restarts`` times (Ray's own actor restarts are off: see ``_stream_once``); a bad image
+never fails a batch (it is an ``error`` row, as locally). Every committed unit stays in place for a rerun.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import socket
-import time
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
+
+from facepipe.engine.job import BatchJob, JobProgress
+from facepipe.engine.local import limit_threads
 
 RAY_INSTALL_HINT = "the Ray engine needs Ray Data: pip install 'facepipe[ray]'"
 ENGINES = ("local", "ray")
@@ -66,6 +68,8 @@ class RayOptions:
     the other runs the network). ``None``: 0.5 when the cluster has GPUs, else CPU actors.
     ``actors``: pool size; default: every GPU share, or on CPUs one actor per ``num_cpus`` cores minus one core
     for Ray Data's own tasks (on 2 cores, two 1-CPU actors starve the upstream stage and hang).
+    ``max_restarts``: how many times the actor pool is started again, on the batches not yet back, after an
+    actor died.
     """
 
     address: str | None = None
@@ -73,7 +77,6 @@ class RayOptions:
     num_gpus: float | None = None
     num_cpus: float = 1.0
     max_restarts: int = 3
-    max_task_retries: int = 3
 
     def __post_init__(self) -> None:
         if self.actors is not None and self.actors < 1:
@@ -82,6 +85,8 @@ class RayOptions:
             raise ValueError("--num-gpus must be 0 or more")
         if self.num_cpus <= 0:
             raise ValueError("CPUs per actor must be positive")
+        if self.max_restarts < 0:
+            raise ValueError("max_restarts must be 0 or more")
 
 
 @dataclass(frozen=True)
@@ -135,14 +140,55 @@ def resolve_actors(resources: dict[str, float], options: RayOptions) -> _Resolve
     return _Resolved(actors, num_gpus, options.num_cpus, "cuda" if num_gpus > 0 else "cpu", max(1, int(options.num_cpus)))
 
 
-def _limit_threads(threads: int) -> None:
-    """An actor's thread budget is its CPU share: Ray packs actors by ``num_cpus``, torch would take every core."""
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    import cv2
-    import torch
+BATCH_COLUMN = "__batch"  # the engine's bookkeeping columns on a worker's result table (dropped before commit)
+ROWS_COLUMN = "__rows"
 
-    cv2.setNumThreads(1)
-    torch.set_num_threads(threads)
+
+class _BatchActor:
+    """Ray actor: one job worker (model built once, on the actor's device) applied to pickled batches; its
+    result tables come back as Arrow, with the batch id and the batch's row count added."""
+
+    def __init__(self, worker: Any, threads: int) -> None:
+        limit_threads(threads)  # its CPU share: Ray packs actors by num_cpus, torch would take every core
+        self.worker = worker
+        self.worker.prepare()
+
+    def __call__(self, descriptors: pa.Table) -> pa.Table:
+        tables = []
+        for batch_id, payload in zip(descriptors.column("batch").to_pylist(), descriptors.column("payload").to_pylist()):
+            table = self.worker(pickle.loads(payload))
+            n = table.num_rows
+            table = table.append_column(BATCH_COLUMN, pa.array([batch_id] * n, pa.int64()))
+            tables.append(table.append_column(ROWS_COLUMN, pa.array([n] * n, pa.int64())))
+        return pa.concat_tables(tables)
+
+
+def run_ray(job: BatchJob, options: RayOptions = RayOptions(), progress: bool = True) -> JobProgress:
+    """Run every pending unit of ``job`` with an actor pool and commit it in this process, unit by unit, results in
+    batch order (``finish`` is the caller's: ``facepipe.engine.local.run_job``)."""
+    from tqdm import tqdm
+
+    ray = init_ray(options)
+    units = job.pending()
+    done = JobProgress()
+    if not units:
+        return done
+    # Build the model here first, on CPU: bad weights fail now with the local engine's error instead of as actor
+    # deaths on the cluster.
+    job.worker("cpu").prepare()
+    resolved = resolve_actors(ray.cluster_resources(), options)
+    batches = [(u, batch) for u, unit in enumerate(units) for batch in unit.batches]
+    descriptors = [{"batch": b, "payload": pickle.dumps(batch)} for b, (_, batch) in enumerate(batches)]
+
+    def commit(u: int, results: list[pa.Table]) -> None:
+        job.commit(units[u], results)
+        done.units_done += 1
+        done.items_done += units[u].items
+
+    with tqdm(total=sum(u.items for u in units), unit="img", desc=job.name, disable=not progress, dynamic_ncols=True) as bar:
+        on_batch = _gather_units([u for u, _ in batches], commit, bar)
+        _stream(descriptors, _BatchActor, (job.worker(resolved.device), resolved.threads), resolved, options, on_batch)
+    return done
 
 
 def _stream(
@@ -153,280 +199,107 @@ def _stream(
     options: RayOptions,
     on_batch: Callable[[int, pa.Table], None],
 ) -> None:
-    """Map ``actor_class`` over the descriptor rows (one per local batch, each with ``batch`` id and ``n``
-    inputs) and hand each batch's output rows to ``on_batch`` once all ``n`` have arrived."""
+    """Map ``actor_class`` over the descriptor rows (one per batch, with its ``batch`` id) and hand each batch's
+    result rows (bookkeeping columns dropped) to ``on_batch`` once all of them have arrived. When an actor dies,
+    the pool is started again on the batches not yet back, up to ``options.max_restarts`` times."""
     ray = import_ray()
-    import ray.data
-
-    if not descriptors:
-        return
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # the driver shows one tqdm bar over the inputs, as the local engine
-    expected = {int(d["batch"]): int(d["n"]) for d in descriptors}
-    dataset = ray.data.from_items(descriptors)
-    with warnings.catch_warnings():
-        # Ray 2.60 deprecates passing max_restarts / max_task_retries through **ray_remote_args but has no named
-        # parameter for them yet; its defaults (-1, -1) would retry a crashing batch forever.
-        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated", category=DeprecationWarning)
-        dataset = dataset.map_batches(
-            actor_class,
-            fn_constructor_args=constructor_args,
-            batch_size=1,  # one descriptor = one local batch: same batch boundaries as the local engine
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=resolved.actors),
-            num_cpus=resolved.num_cpus,
-            num_gpus=resolved.num_gpus or None,
-            max_restarts=options.max_restarts,
-            max_task_retries=options.max_task_retries,
-        )
-    partial: dict[int, list[pa.Table]] = defaultdict(list)
-    received: dict[int, int] = defaultdict(int)
-    for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        batch_ids = block.column("batch").to_numpy()
-        for batch_id in dict.fromkeys(batch_ids.tolist()):
-            rows = block.filter(pa.array(batch_ids == batch_id))
-            partial[batch_id].append(rows)
-            received[batch_id] += rows.num_rows
-            if received[batch_id] == expected[batch_id]:
-                on_batch(batch_id, pa.concat_tables(partial.pop(batch_id)))
-            elif received[batch_id] > expected[batch_id]:
-                raise RuntimeError(f"batch {batch_id}: {received[batch_id]} results for {expected[batch_id]} inputs")
-    missing = [b for b, n in expected.items() if received.get(b, 0) != n]
+    finished: set[int] = set()
+    for restart in range(options.max_restarts + 1):
+        todo = [d for d in descriptors if int(d["batch"]) not in finished]
+        if not todo:
+            return
+        try:
+            _stream_once(todo, actor_class, constructor_args, resolved, on_batch, finished)
+        except ray.exceptions.RayActorError:
+            if restart == options.max_restarts:
+                raise
+    missing = sorted(int(d["batch"]) for d in descriptors if int(d["batch"]) not in finished)
     if missing:
         raise RuntimeError(f"the Ray job ended with {len(missing)} batches incomplete (first: {missing[:5]})")
 
 
-# ---------------------------------------------------------------------------------------------------- align
+def _stream_once(
+    descriptors: list[dict[str, Any]],
+    actor_class: type,
+    constructor_args: tuple,
+    resolved: _Resolved,
+    on_batch: Callable[[int, pa.Table], None],
+    finished: set[int],
+) -> None:
+    """One actor pool over ``descriptors``; adds each batch handed to ``on_batch`` to ``finished``.
 
-ALIGN_RESULT_SCHEMA = pa.schema([("batch", pa.int64()), ("row", pa.string()), ("crops", pa.list_(pa.binary()))])
+    Actors are never restarted by Ray (``max_restarts=0``): Ray Data passes an actor's constructor arguments
+    through the object store, and Ray logs an error-level ``core_worker`` line for every such actor that may
+    restart (ray-project/ray#53727), on every run, crash or not. ``_stream`` restarts the pool instead.
+    """
+    ray = import_ray()
+    import ray.data
 
-
-class AlignActor:
-    """Ray actor: one ``AlignWorker`` (detector loaded once) applied to descriptor rows of items."""
-
-    def __init__(self, config: Any, source: Any, threads: int) -> None:
-        from facepipe.pipeline.align import AlignWorker
-
-        _limit_threads(threads)
-        self.worker = AlignWorker(config, source)
-        self.worker.prepare()
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        import json
-        from dataclasses import asdict
-
-        from facepipe.pipeline.sources import Item
-
-        out: dict[str, list] = {"batch": [], "row": [], "crops": []}
-        for descriptor in batch.to_pylist():
-            items = [
-                Item(index, key, source, label)
-                for index, key, source, label in zip(descriptor["index"], descriptor["key"], descriptor["source"], descriptor["label"])
-            ]
-            for result in self.worker.process(items):
-                out["batch"].append(descriptor["batch"])
-                out["row"].append(json.dumps(asdict(result.row)))
-                out["crops"].append(result.crops)
-        return pa.Table.from_pydict(out, schema=ALIGN_RESULT_SCHEMA)
-
-
-def _reader_only(source: Any) -> Any:
-    """What actors need of the source: ``read(item)``. A file source's ``read`` uses only the item's path, so its
-    list of every input path (hundreds of MB for millions of images) stays in the driver."""
-    from facepipe.pipeline.sources import FileSource
-
-    if isinstance(source, FileSource):
-        return FileSource([], source.root, source.description)
-    return source
-
-
-def run_align_ray(
-    config: Any,
-    source: Any,
-    out_dir: str | os.PathLike,
-    options: RayOptions = RayOptions(),
-    sink_kind: str = "dir",
-    manifest_path: str | os.PathLike | None = None,
-    batch_size: int = 8,
-    chunk_size: int = 256,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> Any:
-    """``run_align`` on Ray: same arguments (``options`` instead of ``workers``), same outputs and manifest,
-    same resume; returns the local engine's ``AlignSummary``."""
-    import json
-
-    from tqdm import tqdm
-
-    from facepipe.pipeline.align import AlignRun, AlignSummary, AlignWorker, ItemResult, _ChunkCollector
-    from facepipe.pipeline.manifest import ManifestRow
-
-    started = time.perf_counter()
-    if batch_size < 1:
-        raise ValueError("batch size must be at least 1")
-    ray = init_ray(options)
-    run = AlignRun(config, source, out_dir, sink_kind, manifest_path, chunk_size, overwrite)
-    if run.pending:
-        # Load the detector (or landmarks file) here first, on CPU: bad weights fail now with the local engine's
-        # error instead of as actor deaths on the cluster.
-        AlignWorker(replace(config, device="cpu"), source).prepare()
-        resolved = resolve_actors(ray.cluster_resources(), options)
-        actor_config = replace(config, device=resolved.device)
-        batches = [
-            (chunk_id, run.chunks[chunk_id][start : start + batch_size])
-            for chunk_id in run.pending
-            for start in range(0, len(run.chunks[chunk_id]), batch_size)
-        ]
-        descriptors = [
-            {
-                "batch": b,
-                "n": len(items),
-                "index": [item.index for item in items],
-                "key": [item.key for item in items],
-                "source": [item.source for item in items],
-                "label": [item.label for item in items],
-            }
-            for b, (_, items) in enumerate(batches)
-        ]
-        with tqdm(total=sum(len(items) for _, items in batches), unit="img", disable=not progress, dynamic_ncols=True) as bar:
-            collector = _ChunkCollector(run, batches, bar)
-
-            def commit(batch_id: int, rows: pa.Table) -> None:
-                results = [
-                    ItemResult(ManifestRow(**json.loads(row)), list(crops))
-                    for row, crops in zip(rows.column("row").to_pylist(), rows.column("crops").to_pylist())
-                ]
-                collector.add(batches[batch_id][0], results)
-
-            _stream(descriptors, AlignActor, (actor_config, _reader_only(source), resolved.threads), resolved, options, commit)
-    counts = run.finish()
-    processed = len(run.items) - run.skipped
-    return AlignSummary(counts, processed, run.skipped, run.crops_written, time.perf_counter() - started, run.manifest_path)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the driver shows one tqdm bar over the inputs, as the local engine
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates passing max_restarts / max_task_retries through **ray_remote_args but has no named
+        # parameter for them yet; its defaults (-1, -1) would restart actors (and log the line above).
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated", category=DeprecationWarning)
+        dataset = ray.data.from_items(descriptors).map_batches(
+            actor_class,
+            fn_constructor_args=constructor_args,
+            batch_size=1,  # one descriptor = one batch: same batch boundaries as the local engine
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=resolved.actors),
+            num_cpus=resolved.num_cpus,
+            num_gpus=resolved.num_gpus or None,
+            max_restarts=0,
+            max_task_retries=0,
+        )
+    partial: dict[int, list[pa.Table]] = defaultdict(list)
+    received: dict[int, int] = defaultdict(int)
+    for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        batch_ids = block.column(BATCH_COLUMN).to_numpy()
+        rows_of = block.column(ROWS_COLUMN).to_numpy()
+        for batch_id in dict.fromkeys(batch_ids.tolist()):
+            mask = batch_ids == batch_id
+            rows = block.filter(pa.array(mask))
+            expected = int(rows_of[mask][0])
+            partial[batch_id].append(rows.drop_columns([BATCH_COLUMN, ROWS_COLUMN]))
+            received[batch_id] += rows.num_rows
+            if received[batch_id] == expected:
+                finished.add(batch_id)
+                on_batch(batch_id, pa.concat_tables(partial.pop(batch_id)))
+            elif received[batch_id] > expected:
+                raise RuntimeError(f"batch {batch_id}: {received[batch_id]} result rows for {expected}")
 
 
-# ---------------------------------------------------------------------------------------------------- embed
-
-
-class EmbedActor:
-    """Ray actor: one ``CropEmbedder`` (model loaded once) applied to descriptor rows of crop paths."""
-
-    def __init__(self, root: str, spec: Any, device: str, batch_size: int, threads: int) -> None:
-        from facepipe.embedding.store import CropEmbedder
-
-        _limit_threads(threads)
-        self.embedder = CropEmbedder(root, spec, device=device, batch_size=batch_size, threads=threads)
-        _ = self.embedder.embedder
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        tables = []
-        for descriptor in batch.to_pylist():
-            result = self.embedder.embed_paths(descriptor["paths"])
-            n, dim = result.embeddings.shape
-            flat = pa.array(result.embeddings.reshape(-1))
-            tables.append(
-                pa.table(
-                    {
-                        "batch": pa.array([descriptor["batch"]] * n, pa.int64()),
-                        "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
-                        "norm": pa.array(result.norms, pa.float32()),
-                        "status": pa.array(result.status, pa.string()),
-                        "reason": pa.array(result.reason, pa.string()),
-                    }
-                )
-            )
-        return pa.concat_tables(tables)
-
-
-def _gather_shards(
-    shard_of_batch: Sequence[int], on_shard: Callable[[int, pa.Table], None], bar: Any
+def _gather_units(
+    unit_of_batch: Sequence[int], on_unit: Callable[[int, list[pa.Table]], None], bar: Any
 ) -> Callable[[int, pa.Table], None]:
-    """A per-batch callback that buffers batch rows and calls ``on_shard(shard, rows)`` once every batch of that
-    shard has arrived, with the rows in batch order (batches finish in any order on Ray)."""
+    """A per-batch callback that buffers batch results and calls ``on_unit(unit, tables)`` once every batch of that
+    unit has arrived, with the tables in batch order (batches finish in any order on Ray)."""
     remaining: dict[int, int] = defaultdict(int)
-    for shard in shard_of_batch:
-        remaining[shard] += 1
+    for unit in unit_of_batch:
+        remaining[unit] += 1
     pending: dict[int, dict[int, pa.Table]] = defaultdict(dict)
 
     def on_batch(batch_id: int, rows: pa.Table) -> None:
-        shard = shard_of_batch[batch_id]
-        pending[shard][batch_id] = rows
+        unit = unit_of_batch[batch_id]
+        pending[unit][batch_id] = rows
         bar.update(rows.num_rows)
-        remaining[shard] -= 1
-        if not remaining[shard]:
-            parts = pending.pop(shard)
-            on_shard(shard, pa.concat_tables([parts[b] for b in sorted(parts)]))
+        remaining[unit] -= 1
+        if not remaining[unit]:
+            parts = pending.pop(unit)
+            on_unit(unit, [parts[b] for b in sorted(parts)])
 
     return on_batch
-
-
-def embed_directory_ray(
-    aligned_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    spec: Any,
-    options: RayOptions = RayOptions(),
-    batch_size: int = 64,
-    shard_size: int = 50_000,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> Any:
-    """``embed_directory`` on Ray: same shards, manifest and ``run.json``, same resume; returns ``EmbedSummary``."""
-    from tqdm import tqdm
-
-    from facepipe.embedding.store import (
-        CropEmbedder,
-        EmbeddedBatch,
-        EmbedSummary,
-        crops_to_embed,
-        open_embedding_run,
-        shard_rows,
-    )
-
-    started = time.perf_counter()
-    rel_paths = crops_to_embed(aligned_dir, shard_size)
-    ray = init_ray(options)
-    # The model is built once here on CPU: its embedding size goes into run.json, and bad weights fail now.
-    embedding_size = CropEmbedder(aligned_dir, spec, device="cpu", batch_size=batch_size).embedding_size
-    store, det_scores, unfinished = open_embedding_run(
-        aligned_dir, out_dir, spec, rel_paths, shard_size, embedding_size, overwrite
-    )
-    todo = dict(unfinished)
-    batches = [
-        (shard, paths[b : b + batch_size]) for shard, paths in todo.items() for b in range(0, len(paths), batch_size)
-    ]
-    if batches:
-        resolved = resolve_actors(ray.cluster_resources(), options)
-        descriptors = [{"batch": b, "n": len(paths), "paths": paths} for b, (_, paths) in enumerate(batches)]
-        dtype = np.dtype(spec.dtype)
-        with tqdm(total=sum(len(p) for p in todo.values()), unit="crop", desc="embed", disable=not progress) as bar:
-
-            def commit_shard(shard: int, table: pa.Table) -> None:
-                embeddings = np.asarray(table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False), dtype=dtype)
-                merged = EmbeddedBatch(
-                    embeddings.reshape(table.num_rows, embedding_size),
-                    table.column("norm").to_numpy().astype(np.float32),
-                    table.column("status").to_pylist(),
-                    table.column("reason").to_pylist(),
-                )
-                paths = todo[shard]
-                store.commit_shard(shard, merged.embeddings, shard_rows(shard, shard * shard_size, paths, merged, det_scores))
-
-            constructor_args = (str(aligned_dir), spec, resolved.device, batch_size, resolved.threads)
-            on_batch = _gather_shards([shard for shard, _ in batches], commit_shard, bar)
-            _stream(descriptors, EmbedActor, constructor_args, resolved, options, on_batch)
-    table = store.merge()
-    errors = int(sum(status == "error" for status in table.column("status").to_pylist()))
-    embedded = sum(len(p) for p in todo.values())
-    return EmbedSummary(len(rel_paths), embedded, errors, time.perf_counter() - started, Path(out_dir))
 
 
 # ---------------------------------------------------------------------------------------------------- IJB-C
 
 
 class IJBFeatureActor:
-    """Ray actor: an IJB-C ``FeatureExtractor`` (models loaded once) applied to descriptor rows of images."""
+    """Until evalx's IJB-C ``BatchJob`` merges (then this and ``extract_ijb_features_ray`` go): Ray actor: an IJB-C ``FeatureExtractor`` (models loaded once) applied to descriptor rows of images."""
 
     def __init__(self, extractor: Callable[[dict], dict], threads: int) -> None:
-        _limit_threads(threads)
+        limit_threads(threads)  # its CPU share: Ray packs actors by num_cpus, torch would take every core
         self.extractor = extractor
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -444,10 +317,11 @@ class IJBFeatureActor:
             tables.append(
                 pa.table(
                     {
-                        "batch": pa.array([descriptor["batch"]] * n, pa.int64()),
                         "features": pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), features[0].size if n else 0),
                         "score": pa.array(np.asarray(out["score"], dtype=np.float32)),
                         "flag": pa.array(np.asarray(out["flag"], dtype=np.uint8)),
+                        BATCH_COLUMN: pa.array([descriptor["batch"]] * n, pa.int64()),
+                        ROWS_COLUMN: pa.array([n] * n, pa.int64()),
                     }
                 )
             )
@@ -492,7 +366,8 @@ def extract_ijb_features_ray(
     done = cache.num_images - sum(cache.shard_range(k)[1] - cache.shard_range(k)[0] for k in missing)
     with tqdm(total=cache.num_images, initial=done, unit="img", desc=f"{layout.target} features", disable=not progress) as bar:
 
-        def commit_shard(shard: int, table: pa.Table) -> None:
+        def commit_shard(shard: int, tables: list[pa.Table]) -> None:
+            table = pa.concat_tables(tables)
             features = table.column("features").combine_chunks().flatten().to_numpy(zero_copy_only=False)
             cache.write_shard(
                 shard,
@@ -501,7 +376,7 @@ def extract_ijb_features_ray(
                 table.column("flag").to_numpy(),
             )
 
-        on_batch = _gather_shards([shard for shard, _, _ in batches], commit_shard, bar)
+        on_batch = _gather_units([shard for shard, _, _ in batches], commit_shard, bar)
         _stream(descriptors, IJBFeatureActor, (extractor, resolved.threads), resolved, options, on_batch)
     return cache
 
@@ -511,9 +386,8 @@ __all__: Sequence[str] = (
     "RayOptions",
     "RayEngineError",
     "RayUnavailableError",
-    "embed_directory_ray",
     "extract_ijb_features_ray",
     "import_ray",
     "init_ray",
-    "run_align_ray",
+    "run_ray",
 )

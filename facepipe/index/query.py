@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from facepipe.embedding.store import MANIFEST_NAME, RUN_FILE, CropEmbedder, EmbedSpec, list_crops, load_embeddings
-from facepipe.io.images import ImageDecodeError, is_image_path, read_image
+from facepipe.io.images import is_image_path
 
 
 class QueryError(ValueError):
@@ -75,28 +75,30 @@ def _embed_image(
     path: Path, spec: EmbedSpec, detector_name: str, detector_weights: str | None, device: str, batch_size: int,
     min_score: float,
 ) -> Queries:
-    from facepipe.alignment.similarity import align_faces
-    from facepipe.detection.base import create_detector, pipeline_detector_options
+    """Every face of one photo (score >= ``min_score``), detected, aligned and embedded as ``embed --detect
+    --keep all`` does."""
+    import pyarrow as pa
 
-    try:
-        image = read_image(path)
-    except ImageDecodeError as exc:
-        raise QueryError(f"{path}: {exc}") from exc
-    options = pipeline_detector_options(detector_name)
-    faces = create_detector(detector_name, weights=detector_weights, device=device, **options).detect([image])[0]
-    faces = [f for f in faces if f.score >= min_score]
-    if not faces:
+    from facepipe.embedding.photos import DetectSpec, FaceEmbedder
+    from facepipe.embedding.store import embeddings_of
+    from facepipe.pipeline.sources import FileSource
+
+    source = FileSource([path], path.parent, str(path))
+    detect = DetectSpec(detector=detector_name, detector_weights=detector_weights, keep="all", min_score=min_score)
+    rows = FaceEmbedder(source, detect, spec, device=device, batch_size=batch_size)(source.items())
+    status = rows.column("status").to_pylist()
+    if status == ["error"]:
+        raise QueryError(f"{path}: {rows.column('reason')[0].as_py()}")
+    keep = np.array([s == "ok" for s in status])
+    if not keep.any():
         return Queries([], np.zeros((0, 0), dtype=np.float32), pd.DataFrame({"query": []}))
-    embedder = CropEmbedder(path.parent, spec, device=device, batch_size=batch_size)
-    size = embedder.embedder.config.input_size or (112, 112)  # type: ignore[attr-defined]
-    crops = align_faces([image], [faces], size[0] if size[0] == size[1] else size)[0]
-    raw = embedder.embedder.embed(crops, flip=spec.flip)
-    names = [f"{path.name}#{i}" for i in range(len(faces))]
+    faces = rows.filter(pa.array(keep))
+    names = faces.column("path").to_pylist()
     details = pd.DataFrame(
         {
             "query": names,
-            "query_box": [[round(float(v), 1) for v in f.box] for f in faces],
-            "query_det_score": [f.score for f in faces],
+            "query_box": [[round(float(v), 1) for v in box] for box in faces.column("box").to_pylist()],
+            "query_det_score": faces.column("det_score").to_pylist(),
         }
     )
-    return Queries(names, raw.astype(np.float32), details)
+    return Queries(names, embeddings_of(faces).astype(np.float32), details)

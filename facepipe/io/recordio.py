@@ -26,6 +26,7 @@ from typing import BinaryIO, Iterable, Iterator
 import numpy as np
 
 from facepipe.io.files import GiB, FileReadError, read_file_bounded
+from facepipe.io.atomic import publish, temporary_path
 
 RECORDIO_MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", RECORDIO_MAGIC)
@@ -232,7 +233,8 @@ def iter_records(rec_path: str | os.PathLike) -> Iterator[bytes]:
 
 
 class RecordIOWriter:
-    """Indexed writer. Writes to ``<path>.tmp`` files; ``close()`` moves both into place atomically.
+    """Indexed writer. Writes to temporary files beside the targets (``facepipe.io.atomic``: the umask's
+    permissions, removed by ``cleanup_temporaries`` after a kill); ``close()`` flushes both and moves them into place.
 
     The index is written at ``close()`` sorted by key, so records may be appended in any key order (e.g. a
     header record 0 written last, once the counts it holds are known).
@@ -241,8 +243,8 @@ class RecordIOWriter:
     def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None) -> None:
         self.rec_path = Path(rec_path)
         self.idx_path = Path(idx_path) if idx_path is not None else self.rec_path.with_suffix(".idx")
-        self._rec_tmp = self.rec_path.with_name(self.rec_path.name + ".tmp")
-        self._idx_tmp = self.idx_path.with_name(self.idx_path.name + ".tmp")
+        self._rec_tmp = temporary_path(self.rec_path)
+        self._idx_tmp = temporary_path(self.idx_path)
         self._rec = open(self._rec_tmp, "wb")
         self._offsets: dict[int, int] = {}
 
@@ -268,8 +270,10 @@ class RecordIOWriter:
             idx.writelines(f"{key}\t{self._offsets[key]}\n" for key in sorted(self._offsets))
             idx.flush()
             os.fsync(idx.fileno())
-        os.replace(self._rec_tmp, self.rec_path)
-        os.replace(self._idx_tmp, self.idx_path)
+        # Both are flushed; a crash between the two renames leaves a new .rec beside the old .idx: a writer that
+        # must survive that records completion after (``RecordIOSink.finish`` writes its built marker last).
+        publish(self._rec_tmp, self.rec_path)
+        publish(self._idx_tmp, self.idx_path)
 
     def abort(self) -> None:
         """Drop everything written (nothing appears at the final paths)."""

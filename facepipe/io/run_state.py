@@ -198,8 +198,8 @@ class RunState:
         self._lock_fd = fd
 
     def close(self) -> None:
-        """Release the lock (the process's death releases it too); the holder line goes with it, so a finished
-        run's folder does not depend on who ran it."""
+        """Release the lock (the process's death releases it too). A released lock names nobody: the file is
+        emptied first, so a finished run leaves the same state files whoever ran it."""
         if self._lock_fd is not None:
             os.ftruncate(self._lock_fd, 0)
             os.close(self._lock_fd)

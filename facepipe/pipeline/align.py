@@ -1,40 +1,66 @@
-"""The streaming align job: read -> decode -> detect (batched) -> choose faces -> warp -> encode -> write.
+"""The align job: read -> decode -> detect (batched) -> choose faces -> warp -> encode -> write, resumably.
 
-The per-batch work is ``AlignWorker(config, source).process(items)``: a plain, picklable object that decodes,
-detects, aligns and encodes a batch and returns one ``ItemResult`` (manifest row + encoded crops) per item.
-``AlignRun`` holds the engine-independent part (fixed item order and chunks, what is left to do, naming,
-sink, manifest parts). ``run_align`` is the local engine: a pool of worker processes (each with its own
-detector and cores/workers threads, so nothing oversubscribes) fed a bounded number of batches, while the
-main process commits chunk by chunk. A Ray engine maps ``AlignWorker.process`` over the pending chunks'
-items and calls ``AlignRun.commit_chunk`` / ``AlignRun.finish``: same outputs, same manifest.
+``AlignWorker`` is the per-batch work: a plain, picklable object that decodes, detects, aligns and encodes a batch
+of items and returns their manifest rows plus encoded crops as one Arrow table (``ALIGN_RESULT_SCHEMA``).
+``AlignJob`` is the rest, a ``facepipe.engine.job.BatchJob`` any engine runs: the items in a fixed order, which
+of them are still to do (chunks = units, item lists = batches), naming (``sinks.OutputNames``), the sink and the
+manifest store (``manifest.ManifestStore``, a ``RunState``).
+
+**Growing data sets.** The input list is not a setting. A rerun on an input that gained files aligns only the
+new ones (as new chunks, in input order) and keeps the finished ones; a rerun on an input that lost files deletes
+the outputs of the files that are gone (counted in the summary) and drops their rows; an input that shares no
+file with the run is refused (a wrong INPUT or ``--root`` must not empty the folder). The manifest is then
+rewritten for the current input. Changed *settings* are refused unless ``--overwrite``, which first deletes what
+the old settings wrote. Fresh and resumed runs are chunked by the fixed grid (``chunk_size`` items by input
+position): a grid chunk that no committed part touched keeps its grid number, so they give the same chunks,
+names, outputs and manifest as an uninterrupted run.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-import hashlib
-import importlib.metadata
-import importlib.util
-import multiprocessing
 import os
-import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import cv2
 import numpy as np
+import pyarrow as pa
 
 from facepipe.alignment import estimate_norm, warp_crops
+from facepipe.engine.job import Unit
+from facepipe.faces import detect_padded, pad_image
+from facepipe.io.atomic import cleanup_temporaries
 from facepipe.io.images import ImageDecodeError, decode_image_bounded
 from facepipe.pipeline.face_choice import KEEP_MODES, choose_faces
-from facepipe.pipeline.manifest import ManifestRow, ManifestStore, status_counts
-from facepipe.pipeline.sinks import colliding_stems, create_sink, identity_labels, output_names
-from facepipe.pipeline.sources import Item, Source
+from facepipe.pipeline.manifest import (
+    MANIFEST_SCHEMA,
+    ManifestRow,
+    ManifestStore,
+    RunStateError,
+    check_writable,
+    cleanup_beside,
+    decode_name,
+    keys_of,
+    rows_to_table,
+    status_counts,
+    table_to_rows,
+)
+from facepipe.pipeline.sinks import SINK_KINDS, CommittedCrop, OutputNames, create_sink, identity_labels, output_folders
+from facepipe.pipeline.sources import FileSource, Item, Source
 from facepipe.types import Face
 
+__all__ = [
+    "ALIGN_RESULT_SCHEMA", "AlignConfig", "AlignJob", "AlignSummary", "AlignWorker", "DownscalingDetector",
+    "align_detector", "encode_crop", "pad_image", "run_align",
+]
+
 IMAGE_FORMATS = ("jpg", "png")
+
+# What a worker returns per batch: the manifest row columns, plus the row's encoded crops.
+ALIGN_RESULT_SCHEMA = pa.schema([*MANIFEST_SCHEMA, pa.field("crops", pa.list_(pa.binary()))])
 
 
 @dataclass(frozen=True)
@@ -67,6 +93,13 @@ class AlignConfig:
             raise ValueError("min score must be within 0..1")
         if self.pad_ratio <= 0:
             raise ValueError("pad ratio must be positive")
+        if self.max_pixels < 1:
+            raise ValueError(f"max pixels must be at least 1, got {self.max_pixels}")
+        if self.detect_max_side is not None and self.detect_max_side < 1:
+            raise ValueError(f"detect max side must be at least 1 (or None: never downscale), got {self.detect_max_side}")
+        sides = self.size if isinstance(self.size, tuple) else (self.size,)
+        if any(side < 1 for side in sides):
+            raise ValueError(f"crop size must be positive, got {self.size}")
         from facepipe.alignment import arcface_template
 
         arcface_template(self.size)  # raises for unsupported sizes
@@ -96,20 +129,43 @@ def encode_crop(crop: np.ndarray, image_format: str, jpeg_quality: int) -> bytes
     return buffer.tobytes()
 
 
-def pad_image(image: np.ndarray, pad_ratio: float) -> tuple[np.ndarray, int]:
-    """Black border of ``pad_ratio * longest side`` around the image: tight crops (a face filling the frame)
-    defeat anchor-based detectors, which never saw a face that large relative to the image."""
-    pad = max(1, int(round(pad_ratio * max(image.shape[:2]))))
-    return cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0)), pad
+def results_to_table(results: Sequence[ItemResult]) -> pa.Table:
+    rows = rows_to_table([result.row for result in results])
+    return rows.append_column(ALIGN_RESULT_SCHEMA.field("crops"), pa.array([r.crops for r in results], pa.list_(pa.binary())))
 
 
-def _resize_for_detection(image: np.ndarray, max_side: int | None) -> tuple[np.ndarray, float]:
-    longest = max(image.shape[:2])
-    if max_side is None or longest <= max_side:
-        return image, 1.0
-    scale = max_side / longest
-    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA), scale
+def table_to_results(table: pa.Table) -> list[ItemResult]:
+    return [ItemResult(row, crops) for row, crops in zip(table_to_rows(table), table.column("crops").to_pylist())]
+
+
+# ------------------------------------------------------------------------------------------------ detector
+
+
+class DownscalingDetector:
+    """A detector that sees images whose longer side exceeds ``max_side`` downscaled (INTER_AREA), with faces
+    back in full-size pixels: detection cost stays bounded while crops come from the full image."""
+
+    def __init__(self, detector: Any, max_side: int | None) -> None:
+        self.detector = detector
+        self.max_side = max_side
+
+    def _resized(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        longest = max(image.shape[:2])
+        if self.max_side is None or longest <= self.max_side:
+            return image, 1.0
+        scale = self.max_side / longest
+        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+        return cv2.resize(image, size, interpolation=cv2.INTER_AREA), scale
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
+        if not images:
+            return []
+        resized = [self._resized(image) for image in images]
+        detections = self.detector.detect([image for image, _ in resized])
+        return [
+            faces if scale == 1.0 else [face.scaled(1.0 / scale) for face in faces]
+            for faces, (_, scale) in zip(detections, resized)
+        ]
 
 
 def align_confidence_threshold(min_score: float, options: dict[str, Any]) -> float:
@@ -129,17 +185,59 @@ def align_confidence_threshold(min_score: float, options: dict[str, Any]) -> flo
 RETINAFACE_CONFIDENCE_THRESHOLD = 0.02  # RetinaFaceSettings' default (the reference's pre-NMS filter)
 
 
+def align_detector(config: AlignConfig, onnx_model: str | None = None, device: str | None = None) -> DownscalingDetector:
+    """The detector as align runs it: RetinaFace keeps faces down to ``min_score`` (its own threshold is 0.5) and
+    filters candidates just below it before NMS; images over ``detect_max_side`` are detected downscaled.
+    ``onnx_model``: RetinaFace already exported (``exported_retinaface``), loaded instead of exported again."""
+    from facepipe.detection import create_detector, pipeline_detector_options
+
+    device = config.device if device is None else device
+    options = pipeline_detector_options(config.detector, config.detector_options)  # e.g. MTCNN zero edge padding
+    if config.detector.startswith("retinaface"):
+        options.setdefault("threshold", config.min_score)
+        options.setdefault("confidence_threshold", align_confidence_threshold(config.min_score, options))
+    elif config.detector == "scrfd":  # SCRFD's det_thresh (0.5) would likewise floor --min-score
+        options.setdefault("threshold", config.min_score)
+    if onnx_model is not None and os.path.isfile(onnx_model):  # (on another machine of a cluster it may not be)
+        options["backend"] = "onnxruntime"
+        detector = create_detector("retinaface-onnx", onnx_model, device, **options)
+    else:
+        detector = create_detector(config.detector, config.detector_weights, device, **options)
+    return DownscalingDetector(detector, config.detect_max_side)
+
+
+def exported_retinaface(config: AlignConfig, scratch: Path, device: str) -> str | None:
+    """The cached ONNX export of the detector that workers on ``device`` load instead of exporting it each
+    (``facepipe.detection.onnx_cache``); None when there is none to share (landmarks file, GPU, other detector)."""
+    from facepipe.detection.onnx_cache import worker_onnx_model
+
+    if config.landmarks_file is not None:
+        return None
+    return worker_onnx_model(config.detector, config.detector_weights, device, config.detector_options, scratch)
+
+
+# ------------------------------------------------------------------------------------------------ worker
+
+
+@dataclass
+class Decoded:
+    """One item after decoding: the image (None when it failed), its decode scale (x, y; > 1 for a JPEG decoded
+    reduced) and why it failed."""
+
+    image: np.ndarray | None
+    scale: tuple[float, float] = (1.0, 1.0)
+    error: str = ""
+
+
 class AlignWorker:
-    """Processes batches of items. Built from picklable parts; the detector is created on first use (in the
-    process that uses it)."""
+    """Processes batches of items (``__call__``: an Arrow table of ``ALIGN_RESULT_SCHEMA``). Built from picklable
+    parts; the detector is created on first use (in the process that uses it) or by ``prepare``."""
 
     def __init__(self, config: AlignConfig, source: Source, onnx_model: str | None = None) -> None:
         self.config = config
         self.source = source
-        # The RetinaFace network already exported to ONNX (``exported_retinaface``), so that each worker
-        # process loads it instead of exporting it again.
-        self.onnx_model = onnx_model
-        self._detector = None
+        self.onnx_model = onnx_model  # RetinaFace already exported to ONNX: loaded, not exported again
+        self._detector: DownscalingDetector | None = None
         self._landmarks: dict[str, Face] | None = None
 
     def __getstate__(self) -> dict:
@@ -149,22 +247,9 @@ class AlignWorker:
         return state
 
     @property
-    def detector(self):
+    def detector(self) -> DownscalingDetector:
         if self._detector is None:
-            from facepipe.detection import create_detector, pipeline_detector_options
-
-            options = pipeline_detector_options(self.config.detector, self.config.detector_options)
-            if self.config.detector.startswith("retinaface"):
-                # RetinaFace drops faces under its own threshold (0.5): let --min-score go lower than that.
-                options.setdefault("threshold", self.config.min_score)
-                options.setdefault("confidence_threshold", align_confidence_threshold(self.config.min_score, options))
-            elif self.config.detector == "scrfd":  # SCRFD's det_thresh (0.5) would likewise floor --min-score
-                options.setdefault("threshold", self.config.min_score)
-            if self.onnx_model is not None:
-                options["backend"] = "onnxruntime"
-                self._detector = create_detector("retinaface-onnx", self.onnx_model, self.config.device, **options)
-            else:
-                self._detector = create_detector(self.config.detector, self.config.detector_weights, self.config.device, **options)
+            self._detector = align_detector(self.config, self.onnx_model)
         return self._detector
 
     @property
@@ -175,25 +260,15 @@ class AlignWorker:
             self._landmarks = read_landmarks_file(self.config.landmarks_file)
         return self._landmarks
 
-    def _decode(self, item: Item) -> tuple[np.ndarray | None, tuple[float, float], str]:
-        try:
-            data = self.source.read(item)
-            image, scale = decode_image_bounded(data, self.config.max_pixels)
-            return image, scale, ""
-        except ImageDecodeError as exc:
-            return None, (1.0, 1.0), str(exc)
-        except (OSError, ValueError, KeyError) as exc:
-            return None, (1.0, 1.0), f"cannot read: {exc}"
+    def prepare(self) -> None:
+        """Load the detector or the landmarks file now, so that bad weights or files fail before any work."""
+        if self.config.landmarks_file is not None:
+            _ = self.landmarks
+        else:
+            _ = self.detector
 
-    def _detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
-        if not images:
-            return []
-        resized = [_resize_for_detection(image, self.config.detect_max_side) for image in images]
-        detections = self.detector.detect([image for image, _ in resized])
-        return [
-            faces if scale == 1.0 else [face.scaled(1.0 / scale) for face in faces]
-            for faces, (_, scale) in zip(detections, resized)
-        ]
+    def __call__(self, batch: Sequence[Item]) -> pa.Table:
+        return results_to_table(self.process(batch))
 
     def process(self, items: Sequence[Item]) -> list[ItemResult]:
         """One result per item, in order. An unexpected failure inside a batch is retried item by item so that
@@ -202,181 +277,89 @@ class AlignWorker:
             return self._process_batch(items)
         except Exception as exc:  # noqa: BLE001 - recorded in the manifest, the run goes on
             if len(items) == 1:
-                return [self._failed(items[0], exc)]
+                return [_failed(items[0], f"processing failed: {type(exc).__name__}: {exc}")]
         results = []
         for item in items:
             try:
                 results.extend(self._process_batch([item]))
             except Exception as exc:  # noqa: BLE001
-                results.append(self._failed(item, exc))
+                results.append(_failed(item, f"processing failed: {type(exc).__name__}: {exc}"))
         return results
 
-    @staticmethod
-    def _failed(item: Item, exc: Exception) -> ItemResult:
-        reason = f"processing failed: {type(exc).__name__}: {exc}"
-        return ItemResult(ManifestRow(item.index, item.key, item.source, "error", reason), [])
+    def _decode(self, item: Item) -> Decoded:
+        try:
+            image, scale = decode_image_bounded(self.source.read(item), self.config.max_pixels)
+            return Decoded(image, scale)
+        except ImageDecodeError as exc:
+            return Decoded(None, error=str(exc))
+        except (OSError, ValueError, KeyError) as exc:
+            return Decoded(None, error=f"cannot read: {exc}")
 
-    def prepare(self) -> None:
-        """Load the detector or the landmarks file now, so that bad weights or files fail before any work."""
-        if self.config.landmarks_file is not None:
-            _ = self.landmarks
-        else:
-            _ = self.detector
-
-    def _process_batch(self, items: Sequence[Item]) -> list[ItemResult]:
+    def _faces_for(self, items: Sequence[Item], decoded: Sequence[Decoded], rows: Sequence[ManifestRow]) -> dict[int, list[Face]]:
+        """The kept faces of each decoded item (by position), in the decoded image's pixels."""
         cfg = self.config
-        decoded = [self._decode(item) for item in items]
-        rows = [ManifestRow(item.index, item.key, item.source, "error", reason) for item, (_, _, reason) in zip(items, decoded)]
-        good = [i for i, (image, _, _) in enumerate(decoded) if image is not None]
-        for i in good:
-            image, (sx, sy) = decoded[i][0], decoded[i][1]
-            rows[i].width, rows[i].height = round(image.shape[1] * sx), round(image.shape[0] * sy)
-            rows[i].decode_scale = float(max(sx, sy))
-
+        good = [i for i, d in enumerate(decoded) if d.image is not None]
         faces: dict[int, list[Face]] = {}
         if cfg.landmarks_file is not None:
             for i in good:
                 face = self.landmarks.get(items[i].key)
-                faces[i] = [] if face is None else [face.scaled(1 / decoded[i][1][0], 1 / decoded[i][1][1])]
+                sx, sy = decoded[i].scale
+                faces[i] = [] if face is None else [face.scaled(1 / sx, 1 / sy)]
                 rows[i].num_detected = len(faces[i])
-        else:
-            for i, found in zip(good, self._detect([decoded[i][0] for i in good])):
-                faces[i] = choose_faces(found, decoded[i][0].shape, cfg.keep, cfg.min_score)
+            return faces
+        for i, found in zip(good, detect_padded(self.detector, [decoded[i].image for i in good])):
+            faces[i] = choose_faces(found, decoded[i].image.shape, cfg.keep, cfg.min_score)
+            rows[i].num_detected = sum(face.score >= cfg.min_score for face in found)
+        if cfg.retry_padded:
+            retry = [i for i in good if not faces[i]]
+            for i, found in zip(retry, detect_padded(self.detector, [decoded[i].image for i in retry], cfg.pad_ratio)):
+                faces[i] = choose_faces(found, decoded[i].image.shape, cfg.keep, cfg.min_score)
                 rows[i].num_detected = sum(face.score >= cfg.min_score for face in found)
-            if cfg.retry_padded:
-                retry = [i for i in good if not faces[i]]
-                padded = [pad_image(decoded[i][0], cfg.pad_ratio) for i in retry]
-                for i, (image, pad), found in zip(retry, padded, self._detect([image for image, _ in padded])):
-                    found = [face.translated(-pad, -pad) for face in found]
-                    faces[i] = choose_faces(found, decoded[i][0].shape, cfg.keep, cfg.min_score)
-                    rows[i].num_detected = sum(face.score >= cfg.min_score for face in found)
-                    rows[i].padded_retry = True
+                rows[i].padded_retry = True
+        return faces
 
-        results = []
-        for i, item in enumerate(items):
-            if i not in faces:
-                results.append(ItemResult(rows[i], []))
-                continue
-            kept = faces[i]
-            row = rows[i]
-            if not kept:
-                row.status = "no_face"
-                row.reason = "not in landmarks file" if cfg.landmarks_file is not None else "no face detected"
-                results.append(ItemResult(row, []))
-                continue
-            image, (sx, sy) = decoded[i][0], decoded[i][1]
-            matrices = estimate_norm(np.stack([face.landmarks for face in kept]), cfg.size)
-            finite = np.isfinite(matrices).all(axis=(1, 2))  # coincident landmarks have no similarity transform
-            if not finite.any():
-                row.reason = "degenerate landmarks (all points coincide): cannot align"
-                results.append(ItemResult(row, []))
-                continue
-            kept = [face for face, ok in zip(kept, finite) if ok]
-            crops = warp_crops(image, matrices[finite], cfg.size)
-            row.status = "ok"
-            for face in kept:
-                original = face.scaled(sx, sy)
-                row.boxes.append([float(v) for v in original.box])
-                row.scores.append(float(face.score))
-                row.landmarks.append([float(v) for v in original.landmarks.reshape(-1)])
-            results.append(ItemResult(row, [encode_crop(crop, cfg.image_format, cfg.jpeg_quality) for crop in crops]))
-        return results
+    def _crops_for(self, decoded: Decoded, faces: list[Face], row: ManifestRow) -> list[bytes]:
+        """Warp and encode the kept faces, filling the row's per-crop fields (original image's pixels)."""
+        cfg = self.config
+        if not faces:
+            row.status = "no_face"
+            row.reason = "not in landmarks file" if cfg.landmarks_file is not None else "no face detected"
+            return []
+        matrices = estimate_norm(np.stack([face.landmarks for face in faces]), cfg.size)
+        finite = np.isfinite(matrices).all(axis=(1, 2))  # coincident landmarks have no similarity transform
+        if not finite.any():
+            row.reason = "degenerate landmarks (all points coincide): cannot align"
+            return []
+        faces = [face for face, ok in zip(faces, finite) if ok]
+        crops = warp_crops(decoded.image, matrices[finite], cfg.size)
+        row.status = "ok"
+        sx, sy = decoded.scale
+        for face in faces:
+            original = face.scaled(sx, sy)
+            row.boxes.append([float(v) for v in original.box])
+            row.scores.append(float(face.score))
+            row.landmarks.append(np.asarray(original.landmarks, np.float64).reshape(5, 2).tolist())
+        return [encode_crop(crop, cfg.image_format, cfg.jpeg_quality) for crop in crops]
 
-
-# ---------------------------------------------------------------------------------------------------------
-# Local engine
+    def _process_batch(self, items: Sequence[Item]) -> list[ItemResult]:
+        decoded = [self._decode(item) for item in items]
+        rows = [ManifestRow(item.index, item.key, item.source, "error", d.error) for item, d in zip(items, decoded)]
+        for d, row in zip(decoded, rows):
+            if d.image is not None:
+                row.width, row.height = round(d.image.shape[1] * d.scale[0]), round(d.image.shape[0] * d.scale[1])
+                row.decode_scale = float(max(d.scale))
+        faces = self._faces_for(items, decoded, rows)
+        return [
+            ItemResult(row, self._crops_for(d, faces[i], row) if i in faces else [])
+            for i, (d, row) in enumerate(zip(decoded, rows))
+        ]
 
 
-def exported_retinaface(config: AlignConfig, scratch: Path) -> str | None:
-    """The ONNX file the workers load when each would otherwise export the network itself (``retinaface`` on
-    CPU with the onnxruntime backend; None otherwise).
-
-    Cached under ``<cache_dir>/onnx`` per (weights, torch version, network and export code), so later runs
-    neither export nor import torch here; the first run exports it in this process while the forkserver
-    boots. A read-only cache falls back to ``scratch`` (this run only). Same graph: same detections.
-    """
-    options = config.detector_options
-    if config.detector != "retinaface" or config.device != "cpu" or config.landmarks_file is not None:
-        return None
-    if options.get("fp16") or options.get("backend", "auto") not in ("auto", "onnxruntime"):
-        return None
-    if any(importlib.util.find_spec(name) is None for name in ("onnx", "onnxruntime")):
-        return None  # auto runs torch; an explicit onnxruntime fails in the workers with its own message
-    from facepipe.models.checkpoint import cache_dir, sha256_of
-    from facepipe.weights import bundled
-
-    weights = Path(config.detector_weights) if config.detector_weights is not None else bundled(BUNDLED_RETINAFACE)
-    if weights.suffix.lower() == ".onnx":
-        return None  # the workers load it directly
-    key = hashlib.sha256()
-    for part in (sha256_of(weights), importlib.metadata.version("torch"), importlib.metadata.version("onnx")):
-        key.update(part.encode() + b"\0")
-    for module in ("facepipe.models.retinaface", "facepipe.detection.backends"):
-        # a change to the network or the export code gives a new file (read, not imported: no torch here)
-        key.update(Path(importlib.util.find_spec(module).origin).read_bytes())
-    path = cache_dir() / "onnx" / f"retinaface-mnet0.25-{key.hexdigest()[:20]}.onnx"
-    if path.is_file():
-        return str(path)
-    from facepipe.detection.backends import export_onnx
-    from facepipe.models.retinaface import retinaface_mnet025
-
-    data = export_onnx(retinaface_mnet025(weights=weights))
-    partial = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # a unique temporary name: two runs may export at once, and each rename leaves one complete file
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".part", delete=False) as f:
-            partial = f.name
-            f.write(data)
-        os.chmod(partial, 0o644)  # a cache other users' runs may read
-        os.replace(partial, path)
-    except OSError:  # read-only cache: this run only
-        if partial is not None and os.path.exists(partial):
-            os.unlink(partial)
-        path = scratch / path.name
-        path.write_bytes(data)
-    return str(path)
+def _failed(item: Item, reason: str) -> ItemResult:
+    return ItemResult(ManifestRow(item.index, item.key, item.source, "error", reason), [])
 
 
-BUNDLED_RETINAFACE = "retinaface_mobilenet0.25.pth"  # what retinaface_mnet025(pretrained=True) loads
-
-
-_WORKER: AlignWorker | None = None
-_SETUP_ERROR: BaseException | None = None
-
-
-def _init_process(worker: AlignWorker, threads: int) -> None:
-    """Per-process thread budget (torch, onnxruntime via torch's count, OpenMP, OpenCV: this worker's share of
-    the cores), then the detector. A setup failure (bad weights) is kept and raised with the first batch, so
-    the main process reports it instead of a bare broken pool."""
-    global _WORKER, _SETUP_ERROR
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    cv2.setNumThreads(1)
-    import torch
-
-    torch.set_num_threads(threads)
-    _WORKER = worker
-    try:
-        worker.prepare()
-    except Exception as exc:  # noqa: BLE001 - re-raised in _process_in_pool
-        _SETUP_ERROR = exc
-
-
-def _process_in_pool(items: Sequence[Item]) -> list[ItemResult]:
-    if _SETUP_ERROR is not None:
-        raise _SETUP_ERROR
-    assert _WORKER is not None, "worker process not initialised"
-    return _WORKER.process(items)
-
-
-def _worker_context() -> multiprocessing.context.BaseContext:
-    # forkserver: workers fork from a clean server that imported torch once (no threads started, unlike this
-    # process), so each worker starts in a fraction of a spawn's time without fork's OpenMP hazards.
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["torch", "facepipe.detection", "facepipe.pipeline.align"])
-        return context
-    return multiprocessing.get_context("spawn")
+# ------------------------------------------------------------------------------------------------ job
 
 
 @dataclass
@@ -387,6 +370,7 @@ class AlignSummary:
     crops_written: int
     seconds: float
     manifest_path: Path
+    removed: int = 0  # inputs gone from the input since an earlier run: their outputs deleted
 
     @property
     def images_per_second(self) -> float:
@@ -407,28 +391,32 @@ class AlignSummary:
     def format(self) -> str:
         counts = ", ".join(f"{status} {n}" for status, n in self.counts.items())
         not_kept, images = self.faces_not_kept()
+        gone = f"; {self.removed} inputs gone since the last run: their outputs removed" if self.removed else ""
         return (
             f"{self.processed} images processed ({self.skipped} already done) in {self.seconds:.1f} s, "
-            f"{self.images_per_second:.2f} images/s; {counts}; {self.crops_written} crops written; "
+            f"{self.images_per_second:.2f} images/s; {counts}; {self.crops_written} crops written{gone}; "
             f"{not_kept} detected faces not kept (--keep) in {images} images; manifest {self.manifest_path}"
         )
 
 
-def default_workers(device: str) -> int:
-    # One process per core on CPU (RetinaFace-mnet scales worse over threads than over processes). On a GPU two
-    # processes share the device, so one decodes / warps / encodes while the other runs the network.
-    cores = max(1, os.cpu_count() or 1)
-    return min(2, cores) if device.startswith("cuda") else cores
+def _reader_only(source: Source) -> Source:
+    """What workers need of the source: ``read(item)``. A file source's ``read`` uses only the item's path, so its
+    list of every input path (hundreds of MB for millions of images) stays in this process."""
+    if isinstance(source, FileSource):
+        return FileSource([], source.root, source.description)
+    return source
 
 
-class AlignRun:
-    """The engine-independent state of one align job over ``out_dir``: the items in a fixed order, their chunks,
-    which chunks are still to do, the sink and the manifest store.
+class AlignJob:
+    """One align run over ``out_dir`` as a ``BatchJob`` (see the module docstring). Use it as a context manager:
+    an exception abandons a run that committed nothing (the folder is left as it was found), and the exit
+    releases the run lock.
 
-    An engine (the local pool below, or Ray) only has to run ``AlignWorker(config, source).process`` over the
-    items of each pending chunk and hand the results to ``commit_chunk``; ``finish`` then completes the sink
-    and merges the manifest. Same items + same settings -> same chunks, names, outputs and manifest.
+    Raises ``RunStateError`` (other settings, run in progress), ``ValueError`` (bad arguments, RecordIO output on
+    an input whose identities are not grouped) and ``OSError`` (output or manifest not writable) before any work.
     """
+
+    name = "align"
 
     def __init__(
         self,
@@ -438,11 +426,19 @@ class AlignRun:
         sink_kind: str = "dir",
         manifest_path: str | os.PathLike | None = None,
         chunk_size: int = 256,
+        batch_size: int = 8,
         overwrite: bool = False,
     ) -> None:
         if chunk_size < 1:
             raise ValueError("chunk size must be at least 1")
+        if batch_size < 1:
+            raise ValueError("batch size must be at least 1")
+        if sink_kind not in SINK_KINDS:
+            raise ValueError(f"unknown sink {sink_kind!r}; choose from {', '.join(SINK_KINDS)}")
+        self.started = time.perf_counter()
         self.config, self.source, self.sink_kind = config, source, sink_kind
+        self.device = config.device
+        self.chunk_size, self.batch_size = chunk_size, batch_size
         self.out_dir = Path(out_dir)
         self.manifest_path = Path(manifest_path) if manifest_path is not None else self.out_dir / "manifest.parquet"
         items = source.items()
@@ -450,153 +446,183 @@ class AlignRun:
         self.items = [replace(item, label=self.labels[item.identity]) if item.label < 0 else item for item in items]
         if sink_kind == "recordio":
             _check_grouped_by_identity(self.items)
-        self.suffix_keys = colliding_stems(self.items)
+        self.keys = [item.key for item in self.items]
+        if len(set(self.keys)) != len(self.keys):
+            twice = next(key for key, n in Counter(self.keys).items() if n > 1)
+            raise ValueError(f"the input names {twice} more than once (each input must be named once)")
+        self._made_out_dir = not self.out_dir.exists()
+        check_writable(self.manifest_path)  # before any work: not after it
         self.store = ManifestStore(self.out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        settings = {
-            **config.output_settings(),
-            "sink": sink_kind,
-            "chunk_size": chunk_size,
-            "inputs": len(self.items),
-            "inputs_digest": _digest(item.key for item in self.items),
-        }
-        self.store.start(settings, overwrite=overwrite)
-        self.sink = create_sink(sink_kind, self.out_dir, self.store.staging_dir)
-        self.chunks = [self.items[i : i + chunk_size] for i in range(0, len(self.items), chunk_size)]
-        done = self.store.done_chunks()
-        self.pending = [] if self.sink.done() else [c for c in range(len(self.chunks)) if c not in done]
-        self.skipped = len(self.items) - sum(len(self.chunks[c]) for c in self.pending)
+        self.sink = create_sink(sink_kind, self.out_dir, self.store.state_dir)
+        try:
+            self._start(overwrite)
+        except BaseException:
+            self.abandon()
+            raise
+
+    # ------------------------------------------------------------------------------------------ start
+
+    def _start(self, overwrite: bool) -> None:
+        try:
+            previous = self.store.previous_settings() if overwrite else None
+        except RunStateError:
+            previous = None  # unreadable: the new run replaces it
+        old_sink = create_sink(str((previous or {}).get("sink", self.sink_kind)), self.out_dir, self.store.state_dir)
+
+        def discard(names: list[str]) -> None:
+            self.manifest_path.unlink(missing_ok=True)
+            old_sink.discard(names)
+
+        settings = {**self.config.output_settings(), "sink": self.sink_kind, "chunk_size": self.chunk_size}
+        self.store.start(settings, overwrite=overwrite, discard=discard)
+        for folder in (self.out_dir, self.out_dir / "shards", self.store.state_dir / "recordio"):
+            cleanup_temporaries(folder)  # a killed run's partial shards, train.rec, labels.tsv
+        cleanup_beside(self.manifest_path)
+        parts = {part_id: self.store.part(part_id) for part_id in self.store.done_parts()}
+        self.removed = self._remove_gone_inputs(parts)
+        self.part_of: dict[str, int] = {}  # key -> the chunk that committed it
+        committed_names: list[str] = []
+        for part_id, part in parts.items():
+            for key, outputs in zip(keys_of(part), part.column("outputs").to_pylist()):
+                self.part_of[key] = part_id
+                committed_names.extend(decode_name(name) for name in outputs or [])
+        self.names = OutputNames(self.config.image_format, self.config.keep == "all", output_folders(self.keys), committed_names)
+        self.units = self._plan(set(parts))
+        pending = {item.key for unit in self.units for batch in unit.batches for item in batch}
+        self.stems = {item.key: self.names.stem(item.key) for item in self.items if item.key in pending}  # input order
+        self.processed = sum(unit.items for unit in self.units)
         self.crops_written = 0
 
-    def commit_chunk(self, chunk_id: int, results: Sequence[ItemResult]) -> None:
-        """Name the chunk's crops, have the sink write them, then commit its manifest part (outputs first, so a
+    def _remove_gone_inputs(self, parts: dict[int, pa.Table]) -> int:
+        """Delete the outputs of committed inputs that are no longer in the input, then their rows (outputs
+        first: a crash in between leaves rows whose outputs are gone, which the next run removes again); updates
+        ``parts``. Refuses when *none* of the committed inputs is still an input: that is another data set (or
+        another ``--root``), and deleting every output is what ``--overwrite`` is for."""
+        current = set(self.keys)
+        committed = {part_id: keys_of(part) for part_id, part in parts.items()}
+        if committed and not any(key in current for keys in committed.values() for key in keys):
+            n = sum(len(keys) for keys in committed.values())
+            if n:
+                raise RunStateError(
+                    f"{self.out_dir} holds the outputs of {n} inputs none of which is in {self.source.description}; "
+                    "check INPUT (and --root), use another output folder, or pass --overwrite to replace that run"
+                )
+        removed = 0
+        for part_id, keys in committed.items():
+            if all(key in current for key in keys):
+                continue
+            rows = table_to_rows(parts[part_id])
+            gone = [row for row in rows if row.key not in current]
+            self.sink.remove(part_id, [name for row in gone for name in row.outputs])
+            self.store.commit_chunk(part_id, [row for row in rows if row.key in current])
+            parts[part_id] = self.store.part(part_id)
+            removed += len(gone)
+        return removed
+
+    def _plan(self, done_parts: set[int]) -> list[Unit]:
+        """Pending items as units: each chunk of the fixed grid that no committed part touched keeps its number
+        (a fresh or resumed run is chunked as it always was); the other pending items (inputs added among done
+        ones) go into new chunks numbered after every other, in input order."""
+        done = set(self.part_of)
+        grid = [self.items[i : i + self.chunk_size] for i in range(0, len(self.items), self.chunk_size)]
+        units: list[tuple[int, list[Item]]] = []
+        leftovers: list[Item] = []
+        for chunk_id, chunk in enumerate(grid):
+            if chunk_id not in done_parts and not any(item.key in done for item in chunk):
+                units.append((chunk_id, chunk))
+            else:
+                leftovers.extend(item for item in chunk if item.key not in done)
+        next_id = max([*done_parts, *(chunk_id for chunk_id, _ in units), -1]) + 1
+        for start in range(0, len(leftovers), self.chunk_size):
+            units.append((next_id, leftovers[start : start + self.chunk_size]))
+            next_id += 1
+        units.sort(key=lambda unit: unit[1][0].index)  # in input order
+        return [
+            Unit(chunk_id, tuple(tuple(chunk[i : i + self.batch_size]) for i in range(0, len(chunk), self.batch_size)), len(chunk))
+            for chunk_id, chunk in units
+        ]
+
+    # ------------------------------------------------------------------------------------------ BatchJob
+
+    def pending(self) -> list[Unit]:
+        return list(self.units)
+
+    def worker(self, device: str | None = None) -> AlignWorker:
+        """The per-batch worker for ``device`` (default: the config's); on CPU it carries the cached ONNX export
+        of RetinaFace (exported here once, not in every worker process)."""
+        device = self.device if device is None else device
+        try:
+            onnx_model = exported_retinaface(self.config, self.store.staging_dir, device)
+        except Exception:  # noqa: BLE001 - e.g. bad weights: the worker builds the detector and reports it
+            onnx_model = None
+        return AlignWorker(replace(self.config, device=device), _reader_only(self.source), onnx_model)
+
+    def failed(self, batch: Sequence[Item], reason: str) -> pa.Table:
+        return results_to_table([_failed(item, reason) for item in batch])
+
+    def commit(self, unit: Unit, results: Sequence[pa.Table]) -> None:
+        """Name the unit's crops, have the sink write them, then commit its manifest part (outputs first, so a
         committed part implies its outputs)."""
-        chunk = self.chunks[chunk_id]
-        first_index = chunk[0].index
-        ordered = sorted(results, key=lambda r: r.row.index)
-        if [r.row.index for r in ordered] != [item.index for item in chunk]:
-            raise ValueError(f"chunk {chunk_id}: results do not cover exactly the chunk's items")
+        items = [item for batch in unit.batches for item in batch]
+        done = table_to_results(pa.concat_tables(results)) if results else []
+        if [r.row.key for r in done] != [item.key for item in items]:
+            raise ValueError(f"chunk {unit.id}: results do not cover exactly the chunk's items")
         entries = []
-        for result in ordered:
-            item = chunk[result.row.index - first_index]
-            keep_all = self.config.keep == "all"
-            names = output_names(item, len(result.crops), keep_all, self.config.image_format, item.key in self.suffix_keys)
+        for item, result in zip(items, done):
+            stem = self.stems[item.key]
+            if stem is None and result.crops:
+                result.row.status, result.crops = "error", []
+                result.row.reason = "its output folder would replace a crop of an earlier run (rename the folder, or --overwrite)"
+                result.row.boxes, result.row.scores, result.row.landmarks = [], [], []
+            names = self.names.names(stem, len(result.crops)) if result.crops else []
             result.row.outputs = names
             entries.extend((item, name, data) for name, data in zip(names, result.crops))
-        self.sink.write_chunk(chunk_id, entries)
-        self.store.commit_chunk(chunk_id, [r.row for r in ordered])
+        self.sink.write_chunk(unit.id, entries)
+        self.store.commit_chunk(unit.id, [r.row for r in done])
+        for item in items:
+            self.part_of[item.key] = unit.id
         self.crops_written += len(entries)
 
-    def finish(self) -> dict[str, int]:
-        """Complete the sink (e.g. merge RecordIO shards), write the manifest; returns counts per status."""
-        self.sink.finish(self.labels)
-        table = self.store.merge(self.manifest_path)
-        return status_counts(table.column("status").to_pylist())
+    def finish(self) -> AlignSummary:
+        """Complete the sink (RecordIO: build train.rec from the chunks), then write the manifest of the current
+        inputs (last: a manifest means the outputs are complete)."""
+        table = self.store.merged(self.keys)
+        crops: list[CommittedCrop] = [
+            (self.part_of[key], decode_name(name), self.items[index].label)
+            for index, key, outputs in zip(
+                table.column("index").to_pylist(), keys_of(table), table.column("outputs").to_pylist()
+            )
+            for name in outputs or []
+        ]
+        self.sink.finish(crops, self.labels)
+        self.store.write(table, self.manifest_path)
+        return AlignSummary(
+            status_counts(table.column("status").to_pylist()), self.processed, len(self.items) - self.processed,
+            self.crops_written, time.perf_counter() - self.started, self.manifest_path, self.removed,
+        )
 
+    # ------------------------------------------------------------------------------------------ lifetime
 
-def run_align(
-    config: AlignConfig,
-    source: Source,
-    out_dir: str | os.PathLike,
-    sink_kind: str = "dir",
-    manifest_path: str | os.PathLike | None = None,
-    workers: int | None = None,
-    batch_size: int = 8,
-    chunk_size: int = 256,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> AlignSummary:
-    """Align every item of ``source`` into ``out_dir`` with the local engine; resumable (finished chunks are
-    skipped). ``workers=0`` runs in this process."""
-    started = time.perf_counter()
-    workers = default_workers(config.device) if workers is None else workers
-    if batch_size < 1:
-        raise ValueError("batch size must be at least 1")
-    run = AlignRun(config, source, out_dir, sink_kind, manifest_path, chunk_size, overwrite)
-    worker = AlignWorker(config, source)
-    if config.landmarks_file is not None or workers == 0:
-        worker.prepare()  # fail before any work; worker processes prepare (and report failures) themselves
-    if run.pending:
-        _run_chunks(run, worker, workers, batch_size, progress)
-    counts = run.finish()
-    processed = len(run.items) - run.skipped
-    return AlignSummary(counts, processed, run.skipped, run.crops_written, time.perf_counter() - started, run.manifest_path)
+    def close(self) -> None:
+        self.store.close()
 
+    def abandon(self) -> None:
+        """Leave the folder as found when nothing was committed (a failed start must not claim it)."""
+        self.store.abandon()
+        if self._made_out_dir:
+            try:
+                self.out_dir.rmdir()
+            except OSError:
+                pass  # not empty: something was written
 
-class _ChunkCollector:
-    """Gathers batch results per chunk and commits a chunk when its last batch arrives."""
+    def __enter__(self) -> "AlignJob":
+        return self
 
-    def __init__(self, run: AlignRun, batches: list[tuple[int, list[Item]]], bar: Any) -> None:
-        self.run, self.bar = run, bar
-        self.remaining: dict[int, int] = {}
-        for chunk_id, _ in batches:
-            self.remaining[chunk_id] = self.remaining.get(chunk_id, 0) + 1
-        self.results: dict[int, list[ItemResult]] = {chunk_id: [] for chunk_id in self.remaining}
-
-    def add(self, chunk_id: int, batch_results: list[ItemResult]) -> bool:
-        """Returns True when this completed (and committed) the chunk."""
-        self.results[chunk_id].extend(batch_results)
-        self.bar.update(len(batch_results))
-        self.remaining[chunk_id] -= 1
-        if self.remaining[chunk_id]:
-            return False
-        self.run.commit_chunk(chunk_id, self.results.pop(chunk_id))
-        return True
-
-
-def _run_chunks(run: AlignRun, worker: AlignWorker, workers: int, batch_size: int, progress: bool) -> None:
-    from tqdm import tqdm
-
-    batches = [
-        (chunk_id, run.chunks[chunk_id][start : start + batch_size])
-        for chunk_id in run.pending
-        for start in range(0, len(run.chunks[chunk_id]), batch_size)
-    ]
-    bar = tqdm(total=sum(len(run.chunks[c]) for c in run.pending), unit="img", disable=not progress, dynamic_ncols=True)
-    collector = _ChunkCollector(run, batches, bar)
-    try:
-        if workers == 0:
-            for chunk_id, batch in batches:
-                collector.add(chunk_id, worker.process(batch))
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
         else:
-            threads = max(1, (os.cpu_count() or 1) // workers)
-            context = _worker_context()
-            if context.get_start_method() == "forkserver":
-                # Boot the server (it imports torch, ~1 s) while this process finds or exports the network.
-                import multiprocessing.forkserver
-
-                multiprocessing.forkserver.ensure_running()
-            with tempfile.TemporaryDirectory(prefix="facepipe-align-") as scratch:
-                try:
-                    onnx_model = exported_retinaface(worker.config, Path(scratch))
-                except Exception:  # noqa: BLE001 - e.g. bad weights: the workers build the detector and report it
-                    onnx_model = None
-                if onnx_model is not None:
-                    worker = AlignWorker(worker.config, worker.source, onnx_model)
-                with cf.ProcessPoolExecutor(
-                    workers, mp_context=context, initializer=_init_process, initargs=(worker, threads)
-                ) as pool:
-                    _pump(pool, batches, run.pending, workers, collector)
-    finally:
-        bar.close()
-
-
-def _pump(pool: cf.Executor, batches: list[tuple[int, list[Item]]], pending: list[int], workers: int, collector: _ChunkCollector) -> None:
-    """Keep at most 2 batches per worker in flight, and only from the two oldest unfinished chunks, so that
-    memory stays bounded however slow one batch is."""
-    max_in_flight = 2 * workers
-    queue = list(reversed(batches))
-    in_flight: dict[cf.Future, int] = {}
-    open_chunks = list(pending)  # chunks not yet committed, in order
-    while queue or in_flight:
-        while queue and len(in_flight) < max_in_flight and queue[-1][0] in open_chunks[:2]:
-            chunk_id, batch = queue.pop()
-            in_flight[pool.submit(_process_in_pool, batch)] = chunk_id
-        finished, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
-        for future in sorted(finished, key=lambda f: in_flight[f]):
-            chunk_id = in_flight.pop(future)
-            if collector.add(chunk_id, future.result()):
-                open_chunks.remove(chunk_id)
+            self.abandon()
 
 
 def _check_grouped_by_identity(items: Sequence[Item]) -> None:
@@ -611,13 +637,23 @@ def _check_grouped_by_identity(items: Sequence[Item]) -> None:
                 )
             seen.add(item.label)
             previous = item.label
-    return None
 
 
-def _digest(keys: Any) -> str:
-    import hashlib
+def run_align(
+    config: AlignConfig,
+    source: Source,
+    out_dir: str | os.PathLike,
+    sink_kind: str = "dir",
+    manifest_path: str | os.PathLike | None = None,
+    workers: int | None = None,
+    batch_size: int = 8,
+    chunk_size: int = 256,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> AlignSummary:
+    """Align every item of ``source`` into ``out_dir`` with the local engine (``workers``: processes; None = one per
+    core on CPU; 0 = this process); resumable."""
+    from facepipe.engine.local import run_job
 
-    h = hashlib.sha256()
-    for key in keys:
-        h.update(key.encode("utf-8", "surrogateescape") + b"\0")
-    return h.hexdigest()
+    with AlignJob(config, source, out_dir, sink_kind, manifest_path, chunk_size, batch_size, overwrite) as job:
+        return run_job(job, "local", workers=workers, progress=progress)

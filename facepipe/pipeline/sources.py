@@ -132,8 +132,9 @@ def file_list_source(list_file: str | os.PathLike, root: str | os.PathLike | Non
 
 
 class RecordIOSource:
-    """Image records of an insightface ``train.rec``; items are named ``<label>/<key>.jpg`` so that a mirrored
-    output keeps identity folders."""
+    """Image records of an insightface ``train.rec``; items are named ``<identity>/<key>.jpg`` so that a mirrored
+    output keeps identity folders. The identity is the name ``labels.tsv`` beside the file gives the record's
+    label (what ``align --sink recordio`` writes), else the label number."""
 
     def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None) -> None:
         try:
@@ -141,6 +142,20 @@ class RecordIOSource:
         except (FileNotFoundError, RecordIOError) as exc:
             raise SourceError(str(exc)) from None
         self.description = str(rec_path)
+        self.names = self.label_names(Path(rec_path).with_name("labels.tsv"))
+
+    @staticmethod
+    def label_names(path: Path) -> dict[int, str]:
+        """``label -> identity`` from a ``labels.tsv`` (``<label><TAB><identity>`` lines); empty when there is none."""
+        if not path.is_file():
+            return {}
+        names: dict[int, str] = {}
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            label, sep, identity = line.partition("\t")
+            if not sep or not label.strip().lstrip("-").isdigit():
+                raise SourceError(f"{path}:{number}: expected '<label><TAB><identity>', got {line!r}")
+            names[int(label)] = identity
+        return names
 
     def items(self) -> list[Item]:
         """One item per image record. A record whose header cannot be read (a NaN label, damaged bytes) is still
@@ -163,7 +178,9 @@ class RecordIOSource:
         for index, (key, label) in enumerate(zip(keys, labels)):
             label = previous if label is None else label
             previous = label
-            items.append(Item(index, f"{label}/{key}.jpg", f"{self.reader.rec_path}#{key}", label))
+            identity = self.names.get(label, str(label))
+            name = f"{identity}/{key}.jpg" if identity else f"{key}.jpg"
+            items.append(Item(index, name, f"{self.reader.rec_path}#{key}", label))
         return items
 
     def read(self, item: Item) -> bytes:

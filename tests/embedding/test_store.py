@@ -1,4 +1,5 @@
 import pickle
+import shutil
 
 import cv2
 import numpy as np
@@ -11,10 +12,14 @@ from facepipe.embedding.store import (
     EmbeddingStoreError,
     EmbedSpec,
     embed_directory,
+    embeddings_of,
     iter_shards,
     list_crops,
     load_embeddings,
+    result_schema,
 )
+from facepipe.io.atomic import TEMP_MARK, temporary_path
+from facepipe.pipeline.sources import Item
 
 
 def _write_aligned_tree(root, rng):
@@ -91,26 +96,27 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(tmp_path, alig
     spec = EmbedSpec()
     embed_directory(root, tmp_path / "full", spec, shard_size=2, progress=False)
     calls = {"n": 0}
-    original = CropEmbedder.embed_loaded
+    original = CropEmbedder.embed_items
 
-    def crash_on_third_batch(self, loaded):
+    def crash_on_third_batch(self, items):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt("simulated kill")
-        return original(self, loaded)
+        return original(self, items)
 
-    monkeypatch.setattr(CropEmbedder, "embed_loaded", crash_on_third_batch)
+    monkeypatch.setattr(CropEmbedder, "embed_items", crash_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
         embed_directory(root, tmp_path / "resumed", spec, shard_size=2, batch_size=2, progress=False)
     shards = tmp_path / "resumed" / "shards"
     assert sorted(p.name for p in shards.iterdir()) == [
         "emb-000000.npy", "emb-000000.parquet", "emb-000001.npy", "emb-000001.parquet"
     ]
-    (shards / "emb-000002.npy.tmp").write_bytes(b"half-written")  # what a kill during a write leaves
-    monkeypatch.setattr(CropEmbedder, "embed_loaded", original)
+    temporary_path(shards / "emb-000002.npy").write_bytes(b"half-written")  # what a kill during a write leaves
+    (shards / "emb-000003.npy").write_bytes(b"a matrix whose marker a kill prevented")
+    monkeypatch.setattr(CropEmbedder, "embed_items", original)
     summary = embed_directory(root, tmp_path / "resumed", spec, shard_size=2, batch_size=2, progress=False)
     assert summary.embedded == 9 - 4
-    assert not list(shards.glob("*.tmp"))
+    assert not [p for p in shards.iterdir() if TEMP_MARK in p.name]
     full, full_manifest = load_embeddings(tmp_path / "full")
     resumed, resumed_manifest = load_embeddings(tmp_path / "resumed")
     np.testing.assert_allclose(resumed, full, atol=1e-5)
@@ -138,13 +144,73 @@ def test_empty_or_missing_inputs(tmp_path):
         EmbedSpec(dtype="int8")
 
 
-def test_crop_embedder_pickles_without_its_model_and_has_a_ray_batch_form(aligned, reference):
+def test_crop_embedder_pickles_without_its_model_and_returns_result_columns(aligned, reference):
     root, names = aligned
     worker = CropEmbedder(root, EmbedSpec(normalize=False))
     first = worker.embed_paths(names[:2])
     clone = pickle.loads(pickle.dumps(worker))
     assert clone._embedder is None
-    out = clone({"path": np.array(names[:2], dtype=object)})
-    assert set(out) == {"path", "embedding", "norm", "status", "reason"}
-    np.testing.assert_allclose(out["embedding"], first.embeddings, atol=1e-5)
-    np.testing.assert_allclose(out["embedding"][0], reference[names[0]], rtol=1e-4, atol=1e-4)
+    items = [Item(i, name, str(root / name)) for i, name in enumerate(names[:2])]
+    out = clone(items)
+    assert out.schema == result_schema(128, "float32")
+    assert out.column("path").to_pylist() == names[:2] and out.column("status").to_pylist() == ["ok", "ok"]
+    np.testing.assert_allclose(embeddings_of(out), first.embeddings, atol=1e-5)
+    np.testing.assert_allclose(embeddings_of(out)[0], reference[names[0]], rtol=1e-4, atol=1e-4)
+
+
+def _embedding_by_path(emb_dir):
+    matrix, manifest = load_embeddings(emb_dir)
+    assert manifest["index"].tolist() == list(range(len(manifest)))
+    return {path: np.asarray(matrix[i]) for i, path in enumerate(manifest["path"])}, manifest
+
+
+def test_growing_input_embeds_only_new_crops_and_removed_ones_leave_the_manifest(tmp_path, aligned):
+    root = tmp_path / "aligned"
+    shutil.copytree(aligned[0], root)
+    spec = EmbedSpec()
+    out = tmp_path / "emb"
+    assert embed_directory(root, out, spec, shard_size=3, batch_size=2, progress=False).embedded == 9
+
+    rng = np.random.default_rng(7)
+    added = ["alice/9.png", "set1/alice/0.png", "set2/alice/0.png"]  # nested: two identities, not one "alice"
+    for name in added:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / name), rng.integers(0, 256, size=(112, 112, 3), dtype=np.uint8))
+    summary = embed_directory(root, out, spec, shard_size=3, batch_size=2, progress=False)
+    assert (summary.total, summary.embedded) == (12, 3)
+    assert sorted(p.name for p in (out / "shards").glob("*.npy"))[-1] == "emb-000003.npy"  # one new shard
+    grown, manifest = _embedding_by_path(out)
+    fresh, fresh_manifest = _embedding_by_path(embed_directory(root, tmp_path / "fresh", spec, progress=False).out_dir)
+    assert sorted(grown) == sorted(fresh) and len(grown) == 12
+    for path in fresh:
+        np.testing.assert_allclose(grown[path], fresh[path], atol=1e-5)
+    assert manifest.drop(columns=["shard", "row"]).equals(fresh_manifest.drop(columns=["shard", "row"]))
+    identity = manifest.set_index("path")["identity"]
+    assert (identity["set1/alice/0.png"], identity["set2/alice/0.png"], identity["alice/9.png"]) == ("set1/alice", "set2/alice", "alice")
+
+    for name in ("alice/0.png", "set1/alice/0.png"):
+        (root / name).unlink()
+    summary = embed_directory(root, out, spec, shard_size=3, batch_size=2, progress=False)
+    assert (summary.total, summary.embedded, summary.removed) == (10, 0, 2)
+    shrunk, manifest = _embedding_by_path(out)
+    assert len(manifest) == 10 and sorted(shrunk) == sorted(set(fresh) - {"alice/0.png", "set1/alice/0.png"})
+    for path in shrunk:  # rows taken by (shard, row): the matrix lines up although shard 0 and 3 lost a row
+        np.testing.assert_allclose(shrunk[path], fresh[path], atol=1e-5)
+    chunks = list(iter_shards(out))
+    assert sum(len(m) for m, _ in chunks) == 10
+    for matrix, rows in chunks:
+        for i, path in enumerate(rows["path"]):
+            np.testing.assert_allclose(matrix[i], fresh[path], atol=1e-5)
+
+
+def test_overwrite_removes_what_the_old_settings_wrote(tmp_path, aligned):
+    root, _ = aligned
+    out = tmp_path / "emb"
+    embed_directory(root, out, EmbedSpec(), shard_size=2, progress=False)
+    assert len(list((out / "shards").glob("*.npy"))) == 5
+    summary = embed_directory(root, out, EmbedSpec(flip=False), shard_size=4, overwrite=True, progress=False)
+    assert summary.embedded == 9
+    assert sorted(p.name for p in (out / "shards").iterdir()) == [
+        f"emb-{i:06d}.{ext}" for i in range(3) for ext in ("npy", "parquet")
+    ]
+    assert load_embeddings(out)[1]["shard"].tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2]

@@ -17,7 +17,8 @@ from click.testing import CliRunner
 
 from facepipe.cli import main as cli
 from facepipe.engine.ray_engine import RAY_INSTALL_HINT, RayOptions, RayUnavailableError, import_ray
-from facepipe.pipeline.align import AlignConfig, run_align
+from facepipe.engine.local import run_job
+from facepipe.pipeline.align import AlignConfig, AlignJob, run_align
 from facepipe.pipeline.sources import Item, directory_source
 from tests.conftest import shared_path
 
@@ -57,6 +58,13 @@ CONFIG = AlignConfig()
 ALIGN_ARGS = dict(batch_size=2, chunk_size=3, progress=False)
 
 
+def run_align_ray(config, source, out_dir, options=RayOptions(), sink_kind="dir", batch_size=8, chunk_size=256,
+                  progress=True):
+    """``run_align`` on the Ray engine: the command's ``run_job(AlignJob(...), engine="ray")``."""
+    with AlignJob(config, source, out_dir, sink_kind, batch_size=batch_size, chunk_size=chunk_size) as job:
+        return run_job(job, "ray", progress=progress, options=options)
+
+
 @pytest.fixture(scope="module")
 def local_aligned(images, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("local_aligned")
@@ -80,8 +88,6 @@ def test_align_cli_on_ray_equals_local_engine(ray_cluster, images, local_aligned
 
 
 def test_align_on_ray_resumes_where_the_chunks_end(ray_cluster, images, local_aligned, tmp_path):
-    from facepipe.engine.ray_engine import run_align_ray
-
     out = tmp_path / "ray"
     shutil.copytree(local_aligned, out)
     # As if killed during chunk 1: its part (and outputs) missing, and an empty manifest at the end.
@@ -121,7 +127,6 @@ class CrashOnceSource:
 def test_align_on_ray_reads_and_writes_recordio_and_retries_after_an_actor_crash(ray_cluster, images, tmp_path):
     """A RecordIO input (the crops of a first run, re-detected on a padded copy) into a RecordIO output; the first
     read kills the actor, Ray restarts it and retries the batch."""
-    from facepipe.engine.ray_engine import run_align_ray
     from facepipe.pipeline.sources import RecordIOSource
 
     run_align(CONFIG, directory_source(images), tmp_path / "rec", sink_kind="recordio", workers=0, **ALIGN_ARGS)
@@ -132,7 +137,7 @@ def test_align_on_ray_reads_and_writes_recordio_and_retries_after_an_actor_crash
 
     marker = tmp_path / "crashed"
     source = CrashOnceSource(RecordIOSource(rec), str(marker))
-    options = RayOptions(actors=1, max_restarts=2, max_task_retries=2)
+    options = RayOptions(actors=1, max_restarts=2)
     summary = run_align_ray(config, source, tmp_path / "ray", options, sink_kind="recordio", **ALIGN_ARGS)
     assert marker.read_text() == "crashed"  # the actor did die once
     assert summary.counts == local.counts
@@ -205,8 +210,6 @@ def test_ijbc_features_on_ray_equal_local_engine(ray_cluster, images, local_alig
 
 
 def test_missing_ray_gives_the_install_hint(monkeypatch, images, tmp_path):
-    from facepipe.engine.ray_engine import run_align_ray
-
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError, as when not installed
     monkeypatch.setitem(sys.modules, "ray.data", None)
     with pytest.raises(RayUnavailableError, match=r"pip install 'facepipe\[ray\]'"):

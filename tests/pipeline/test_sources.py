@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from facepipe.io.recordio import InsightfaceDatasetWriter
-from facepipe.pipeline.sinks import colliding_stems, identity_labels, output_names
+from facepipe.pipeline.sinks import OutputNames, identity_labels, output_folders
 from facepipe.pipeline.sources import Item, SourceError, directory_source, file_list_source, open_source
 
 
@@ -64,13 +64,14 @@ def test_recordio_source_is_picklable_and_reads_images(tmp_path):
 
 
 def test_output_names_and_collisions():
-    items = [Item(0, "id/a.jpg", "s"), Item(1, "id/a.png", "s"), Item(2, "id/b.jpg", "s")]
-    clashing = colliding_stems(items)
-    assert clashing == {"id/a.jpg", "id/a.png"}
-    assert output_names(items[2], 1, False, "jpg") == ["id/b.jpg"]
-    assert output_names(items[1], 1, False, "jpg", keep_suffix=True) == ["id/a.png.jpg"]
-    assert output_names(items[2], 3, True, "png") == ["id/b_0.png", "id/b_1.png", "id/b_2.png"]
-    assert output_names(items[2], 0, False, "jpg") == []
+    keys = ["id/a.jpg", "id/a.png", "id/b.jpg", "id/B.png"]
+    names = OutputNames("jpg", keep_all=False, folders=output_folders(keys), committed=[])
+    stems = [names.stem(key) for key in keys]
+    assert stems == ["id/a", "id/a.png", "id/b", "id/B.png"]  # the first keeps the plain name; case-insensitive
+    assert [names.names(stem, 1)[0] for stem in stems] == ["id/a.jpg", "id/a.png.jpg", "id/b.jpg", "id/B.png.jpg"]
+    assert names.names("id/b", 0) == []
+    assert OutputNames("png", True, [], []).names("id/b", 3) == ["id/b_0.png", "id/b_1.png", "id/b_2.png"]
+    assert output_folders(["x/y/z.jpg", "top.jpg"]) == {"x", "x/y"}
     assert identity_labels([Item(0, "z/1.jpg", "s"), Item(1, "a/1.jpg", "s"), Item(2, "top.jpg", "s")]) == {
         "z": 0, "a": 1, "": 2,
     }
