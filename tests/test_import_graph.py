@@ -136,8 +136,6 @@ def test_jobs_and_evaluation_import_no_engine():
     assert offenders == {}
 
 
-@pytest.mark.xfail(strict=True, reason="until evalx's branch merges: evaluation/ijbc.py:extract_features still calls "
-                   "the Ray engine (then drop this mark)")
 def test_evaluation_imports_no_engine_even_lazily():
     """Not even inside a function: the IJB-C command chooses the engine and runs the feature job."""
     offenders = []

@@ -134,7 +134,7 @@ def render_report(train: EmbeddingSet, result: AuditResult, max_cases: int = 200
     rows = [[(esc(r.identity), r.identity), (sheet(r.identity), None), (esc(r.against), r.against), (esc(str(r.other)), str(r.other)),
              num(r.similarity)] for r in flagged.itertuples()]
     sections.append(_section("Overlap with evaluation sets", "training identities that match an evaluation identity "
-                             f"(≥ T_identity) or image (≥ T_image)", result, "overlap",
+                             "(≥ T_identity) or image (≥ T_image)", result, "overlap",
                              _table("overlap", ["training identity", "its crops", "evaluation set", "matches", "similarity"], rows)))
     summary = result.summary
     head = (

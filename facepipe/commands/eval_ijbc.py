@@ -134,15 +134,4 @@ def _echo_flag_counts(detector: str, flags: Any) -> None:
 
 def run_feature_job(job: Any, engine: str, ray_options: Any = None, progress: bool = True) -> Any:
     """Fill the job's cache on the chosen engine (the one place the IJB-C features meet an engine)."""
-    if engine == "ray":
-        from facepipe.engine import ray_engine
-
-        if not hasattr(ray_engine, "run_ray"):
-            # Transitional: until the job-agnostic Ray engine (run_ray) is merged, the IJB-C Ray driver fills the
-            # same cache shards. Remove this branch at the merge.
-            job.pending()
-            ray_engine.extract_ijb_features_ray(
-                job.layout, job.cache, job.extractor, batch_size=job.batch_size, options=ray_options, progress=progress
-            )
-            return job.finish()
     return run_job(job, engine=engine, progress=progress, **({"options": ray_options} if engine == "ray" else {}))

@@ -12,7 +12,6 @@ result block under a title naming its benchmark, detector and model, and turns l
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence

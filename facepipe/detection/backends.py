@@ -16,7 +16,6 @@ import io
 import os
 import warnings
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np

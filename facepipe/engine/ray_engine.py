@@ -27,10 +27,9 @@ import pickle
 import socket
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import pyarrow as pa
 
 from facepipe.engine.job import BatchJob, JobProgress
@@ -292,101 +291,11 @@ def _gather_units(
     return on_batch
 
 
-# ---------------------------------------------------------------------------------------------------- IJB-C
-
-
-class IJBFeatureActor:
-    """Until evalx's IJB-C ``BatchJob`` merges (then this and ``extract_ijb_features_ray`` go): Ray actor: an IJB-C ``FeatureExtractor`` (models loaded once) applied to descriptor rows of images."""
-
-    def __init__(self, extractor: Callable[[dict], dict], threads: int) -> None:
-        limit_threads(threads)  # its CPU share: Ray packs actors by num_cpus, torch would take every core
-        self.extractor = extractor
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        tables = []
-        for descriptor in batch.to_pylist():
-            n = descriptor["n"]
-            out = self.extractor(
-                {
-                    "path": np.array(descriptor["path"], dtype=object),
-                    "landmarks": np.asarray(descriptor["landmarks"], dtype=np.float32).reshape(n, 5, 2),
-                    "faceness": np.asarray(descriptor["faceness"], dtype=np.float32),
-                }
-            )
-            features = np.ascontiguousarray(out["features"], dtype=np.float32)
-            tables.append(
-                pa.table(
-                    {
-                        "features": pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)), features[0].size if n else 0),
-                        "score": pa.array(np.asarray(out["score"], dtype=np.float32)),
-                        "flag": pa.array(np.asarray(out["flag"], dtype=np.uint8)),
-                        BATCH_COLUMN: pa.array([descriptor["batch"]] * n, pa.int64()),
-                        ROWS_COLUMN: pa.array([n] * n, pa.int64()),
-                    }
-                )
-            )
-        return pa.concat_tables(tables)
-
-
-def extract_ijb_features_ray(
-    layout: Any,
-    cache: Any,
-    extractor: Callable[[dict], dict],
-    batch_size: int = 64,
-    options: RayOptions | None = None,
-    progress: bool = True,
-) -> Any:
-    """Fill the missing shards of an IJB-C ``FeatureCache`` with one Ray job over all of them; each shard is
-    written (atomically, by the cache) as soon as its last batch is back, so an interrupted run resumes."""
-    from tqdm import tqdm
-
-    options = options or RayOptions()
-    ray = init_ray(options)
-    missing = cache.missing_shards()
-    if not missing:
-        return cache
-    resolved = resolve_actors(ray.cluster_resources(), options)
-    if hasattr(extractor, "device") and hasattr(extractor, "models"):  # a FeatureExtractor: run it where the actor is
-        extractor = replace(extractor, device=resolved.device)
-    batches = [
-        (shard, s, min(s + batch_size, cache.shard_range(shard)[1]))
-        for shard in missing
-        for s in range(cache.shard_range(shard)[0], cache.shard_range(shard)[1], batch_size)
-    ]
-    descriptors = [
-        {
-            "batch": b,
-            "n": stop - start,
-            "path": list(layout.image_paths(start, stop)),
-            "landmarks": np.asarray(layout.landmarks[start:stop], dtype=np.float32).reshape(-1).tolist(),
-            "faceness": np.asarray(layout.faceness[start:stop], dtype=np.float32).tolist(),
-        }
-        for b, (_, start, stop) in enumerate(batches)
-    ]
-    done = cache.num_images - sum(cache.shard_range(k)[1] - cache.shard_range(k)[0] for k in missing)
-    with tqdm(total=cache.num_images, initial=done, unit="img", desc=f"{layout.target} features", disable=not progress) as bar:
-
-        def commit_shard(shard: int, tables: list[pa.Table]) -> None:
-            table = pa.concat_tables(tables)
-            features = table.column("features").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            cache.write_shard(
-                shard,
-                np.asarray(features, dtype=np.float32).reshape(table.num_rows, 2, -1),
-                table.column("score").to_numpy(),
-                table.column("flag").to_numpy(),
-            )
-
-        on_batch = _gather_units([shard for shard, _, _ in batches], commit_shard, bar)
-        _stream(descriptors, IJBFeatureActor, (extractor, resolved.threads), resolved, options, on_batch)
-    return cache
-
-
 __all__: Sequence[str] = (
     "RAY_INSTALL_HINT",
     "RayOptions",
     "RayEngineError",
     "RayUnavailableError",
-    "extract_ijb_features_ray",
     "import_ray",
     "init_ray",
     "run_ray",

@@ -31,7 +31,7 @@ Per-face measures (higher = better quality, so the lowest are rejected first):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import cv2
 import numpy as np
