@@ -42,6 +42,12 @@ def _model_of(run: dict[str, Any]) -> dict[str, Any]:
     return {key: run.get(key) for key in ("model", "weights", "flip", "embedding_size", "options")}
 
 
+def _image_root(run: dict[str, Any]) -> Path | None:
+    """The folder the crops' paths are relative to (for the report's thumbnails); None for RecordIO / tar input."""
+    root = run.get("input") or run.get("aligned_dir")
+    return Path(root) if root and Path(root).is_dir() else None
+
+
 def load_embedding_folder(emb_dir: str | Path, name: str | None = None) -> EmbeddingSet:
     """An embedding folder written by ``facepipe embed`` (identity = the crop's folder path)."""
     from facepipe.embedding.store import EmbeddingStoreError, iter_shards, read_manifest
@@ -88,7 +94,7 @@ def load_embedding_folder(emb_dir: str | Path, name: str | None = None) -> Embed
         codes.astype(np.int64),
         [str(n) for n in names],
         _model_of(run),
-        Path(run["aligned_dir"]) if run.get("aligned_dir") else None,
+        _image_root(run),
         skipped,
     )
 

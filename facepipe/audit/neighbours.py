@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-EXACT_LIMIT = 2e12  # multiply-adds: ~20-60 s of exact search on 2 cores
+EXACT_LIMIT = 5e11  # multiply-adds: ~5-10 s of exact search on 2 quiet cores
 FLAT_BYTES = 1 << 30  # past this, a float32 copy of the base in the index costs too much memory
 
 

@@ -25,8 +25,8 @@ def _commands(group: click.Group, ctx: click.Context, prefix: str = "") -> dict[
 COMMANDS = _commands(main, click.Context(main))
 
 # The commands that filter faces by score or load a detector, each under the new spelling.
-MIN_SCORE = {"detect", "align", "index search", "eval cfp", "eval lfw", "eval compare-detectors", "eval quality"}
-DETECTOR_WEIGHTS = {"detect", "align", "index search", "eval cfp", "eval lfw", "eval widerface", "eval ijbc", "eval quality"}
+MIN_SCORE = {"detect", "align", "embed", "index search", "eval cfp", "eval lfw", "eval compare-detectors", "eval quality"}
+DETECTOR_WEIGHTS = {"detect", "align", "embed", "index search", "eval cfp", "eval lfw", "eval widerface", "eval ijbc", "eval quality"}
 OLD_SPELLINGS = {"--threshold": "min_score", "--weights": "detector_weights"}
 
 
