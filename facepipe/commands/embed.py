@@ -11,6 +11,7 @@ from facepipe.commands.common import (
     detector_option,
     detector_weights_option,
     device_option,
+    min_score_option,
     model_option,
     resolve_device,
     set_threads,
@@ -52,8 +53,7 @@ from facepipe.engine.cli_options import engine_option, engine_options, num_gpus_
               help="--detect: extra detector setting, repeatable, e.g. scale=fixed, backend=torch.")
 @click.option("--keep", type=click.Choice(KEEP_MODES), default="largest", show_default=True,
               help="--detect: which face(s) of a photo to embed; 'all' gives rows <photo>#0, #1, ...")
-@click.option("--min-score", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
-              help="--detect: ignore detections scoring below this.")
+@min_score_option
 @click.option("--pad-ratio", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
               help="--detect: black border per side for detection, as a fraction of the longer side (tight crops).")
 @device_option
