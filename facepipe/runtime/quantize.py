@@ -33,6 +33,7 @@ from facepipe.runtime.cpu import PrecisionError
 MAX_CALIBRATION_CROPS = 256
 MIN_CALIBRATION_CROPS = 8
 CALIBRATION_BATCH = 16
+QUANTIZER_VERSION = 1  # part of every cache key: bump when the quantisation recipe changes
 # Op types left in float32: their int8 forms are slow or absent in onnxruntime's CPU kernels and quantising
 # them only adds Quantize/Dequantize pairs around float math.
 FLOAT_OPS = ("PRelu", "BatchNormalization", "Sigmoid", "Softmax", "Flatten", "Reshape")
@@ -101,7 +102,7 @@ def quantize_int8(model: bytes, input_name: str, calibration: np.ndarray, out_pa
     batches = iter([calibration[i : i + CALIBRATION_BATCH] for i in range(0, len(calibration), CALIBRATION_BATCH)])
     with tempfile.TemporaryDirectory(prefix="facepipe-int8-") as tmp:
         source, prepared, quantized = (Path(tmp) / name for name in ("model.onnx", "prepared.onnx", "int8.onnx"))
-        source.write_bytes(model)
+        source.write_bytes(_with_opset(model, 13))
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         import onnx
 
@@ -120,6 +121,18 @@ def quantize_int8(model: bytes, input_name: str, calibration: np.ndarray, out_pa
             extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
         )
         return atomic_write_bytes(out_path, quantized.read_bytes())
+
+
+def _with_opset(model: bytes, opset: int) -> bytes:
+    """``model`` converted to at least ``opset``: per-channel DequantizeLinear needs 13 (old mxnet exports have 9)."""
+    import onnx
+    from onnx import version_converter
+
+    proto = onnx.load_from_string(model)
+    current = max((entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx")), default=opset)
+    if current >= opset:
+        return model
+    return version_converter.convert_version(proto, opset).SerializeToString()
 
 
 def _pointer(digest: str) -> Path:
@@ -149,7 +162,7 @@ def int8_model(
         )
     files = calibration_files(calibrate)
     data = calibration_digest(files)
-    path = int8_cache_dir() / f"{digest}-{data}.onnx"
+    path = int8_cache_dir() / f"{digest}-{data}-v{QUANTIZER_VERSION}.onnx"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         quantize_int8(model, input_name, preprocess(read_crops(files, input_size)), path)
