@@ -28,6 +28,11 @@ device_option = click.option(
 threads_option = click.option(
     "--threads", type=int, default=None, help="CPU threads for torch/onnxruntime (default: all cores).",
 )
+precision_option = click.option(
+    "--precision", type=click.Choice(["fp32", "bf16", "int8", "auto"]), default="fp32", show_default=True,
+    help="CPU inference precision: fp32 exact; bf16 (OpenVINO, CPUs with avx512_bf16); int8 (embedders, after "
+    "`facepipe quantize`); auto = the fastest this CPU supports that passed the accuracy report (README).",
+)
 
 
 def resolve_device(device: str) -> str:

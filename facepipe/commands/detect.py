@@ -13,7 +13,14 @@ import click
 import numpy as np
 from tqdm import tqdm
 
-from facepipe.commands.common import detector_option, device_option, resolve_device, set_threads, threads_option
+from facepipe.commands.common import (
+    detector_option,
+    device_option,
+    precision_option,
+    resolve_device,
+    set_threads,
+    threads_option,
+)
 from facepipe.io.images import IMAGE_EXTENSIONS, ImageDecodeError, list_images, read_image
 from facepipe.types import Face
 
@@ -93,9 +100,16 @@ def detect_batch(detector, images: list[np.ndarray]) -> list[list[Face] | Except
     return results
 
 
-def detector_options(detector: str, batch_size: int, threshold: float | None = None, scale: str = "original") -> dict:
-    """Factory options for ``create_detector``; only RetinaFace takes a score threshold and a scale policy."""
+def detector_options(
+    detector: str, batch_size: int, threshold: float | None = None, scale: str = "original", precision: str = "fp32"
+) -> dict:
+    """Factory options for ``create_detector``; only RetinaFace takes a score threshold, a scale policy and a
+    reduced precision."""
     options: dict = {"batch_size": batch_size}
+    if precision != "fp32":
+        if not detector.startswith("retinaface"):
+            raise click.UsageError(f"--precision {precision} is for the RetinaFace detectors; {detector} runs fp32")
+        options["precision"] = precision
     if detector.startswith("retinaface"):
         options["scale"] = scale
         if threshold is not None:
@@ -135,6 +149,7 @@ def _visual_path(root: Path, relative: Path) -> Path:
 )
 @device_option
 @threads_option
+@precision_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images per detector call.")
 def detect(
     inputs: tuple[Path, ...],
@@ -145,6 +160,7 @@ def detect(
     visualize: Path | None,
     device: str,
     threads: int | None,
+    precision: str,
     batch_size: int,
 ) -> None:
     """Detect faces in IMAGES_OR_DIRS (folders are walked recursively).
@@ -159,7 +175,7 @@ def detect(
     sources = collect_inputs(inputs)
     if not sources:
         raise click.UsageError("no image files found in the given inputs")
-    model = build_detector(detector, weights, device, **detector_options(detector, batch_size, threshold))
+    model = build_detector(detector, weights, device, **detector_options(detector, batch_size, threshold, precision=precision))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.{os.getpid()}.partial")

@@ -151,11 +151,9 @@ def int8_model(
     or the latest calibration recorded for this model when ``calibrate`` is None."""
     digest = model_digest(model)
     if calibrate is None:
-        pointer = _pointer(digest)
-        if pointer.is_file():
-            path = Path(json.loads(pointer.read_text())["path"])
-            if path.is_file():
-                return path
+        record = int8_model_record(model)
+        if record is not None:
+            return Path(record["path"])
         raise PrecisionError(
             f"precision int8 needs a calibration of {label} on your own aligned face crops: "
             f"run `facepipe quantize --model {label} --calibrate CROPS_DIR` once (or use bf16 / auto)"
@@ -171,6 +169,14 @@ def int8_model(
     return path
 
 
-def has_calibration(model: bytes) -> bool:
+def int8_model_record(model: bytes) -> dict | None:
+    """What the latest calibration of ``model`` made: path, crops, calibration folder, data digest."""
     pointer = _pointer(model_digest(model))
-    return pointer.is_file() and Path(json.loads(pointer.read_text())["path"]).is_file()
+    if not pointer.is_file():
+        return None
+    record = json.loads(pointer.read_text())
+    return record if Path(record["path"]).is_file() else None
+
+
+def has_calibration(model: bytes) -> bool:
+    return int8_model_record(model) is not None
