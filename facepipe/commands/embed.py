@@ -6,7 +6,14 @@ from pathlib import Path
 
 import click
 
-from facepipe.commands.common import device_option, model_option, resolve_device, set_threads, threads_option
+from facepipe.commands.common import (
+    device_option,
+    model_option,
+    precision_option,
+    resolve_device,
+    set_threads,
+    threads_option,
+)
 from facepipe.engine.cli_options import engine_option, engine_options, num_gpus_option, ray_address_option
 
 
@@ -35,6 +42,7 @@ from facepipe.engine.cli_options import engine_option, engine_options, num_gpus_
 @click.option("--std", type=float, default=None, help="ONNX: override input std (pixel units).")
 @device_option
 @threads_option
+@precision_option
 @click.option("--overwrite", is_flag=True, help="Start over even if OUT holds a run with other settings.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @engine_option
@@ -47,6 +55,7 @@ def embed(
     batch_size: int, shard_size: int, backend: str, fp16: bool, onnx_preset: str | None, input_format: str | None,
     mean: float | None, std: float | None, device: str, threads: int | None, overwrite: bool, progress: bool,
     engine: str = "local", ray_address: str | None = None, num_gpus: float | None = None, actors: int | None = None,
+    precision: str = "fp32",
 ) -> None:
     """Embed every aligned crop under ALIGNED_DIR (e.g. the output of `facepipe align`).
 
@@ -71,6 +80,8 @@ def embed(
         if given:
             raise click.UsageError(f"{', '.join(given)} only apply to --model onnx")
         options = {"backend": backend, **({"fp16": True} if fp16 else {})}
+    if precision != "fp32":  # part of the run's settings: a resumed run never mixes precisions
+        options["precision"] = precision
     try:
         spec = EmbedSpec(model=model, weights=str(Path(weights).resolve()) if weights else None, flip=flip,
                          normalize=normalize, dtype=dtype, options=options)

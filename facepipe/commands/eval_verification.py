@@ -19,6 +19,7 @@ from facepipe.commands.common import (
     detector_weights_option,
     device_option,
     model_option,
+    precision_option,
     resolve_device,
     set_threads,
     threads_option,
@@ -99,20 +100,23 @@ def _cache_dir(cache_dir: str | None, no_cache: bool) -> Path | None:
     return Path(cache_dir) if cache_dir else default_cache_dir()
 
 
-def _build_embedder(model: str, weights: str | None, device: str, batch_size: int) -> Any:
+def _build_embedder(model: str, weights: str | None, device: str, batch_size: int, precision: str = "fp32") -> Any:
     from facepipe.embedding.base import create_embedder
 
+    options = {"precision": precision} if precision != "fp32" else {}
     try:
-        return create_embedder(model, weights=weights, device=device, batch_size=batch_size)
+        return create_embedder(model, weights=weights, device=device, batch_size=batch_size, **options)
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
-def _build_detector(name: str, weights: str | None, device: str) -> Any:
+def _build_detector(name: str, weights: str | None, device: str, precision: str = "fp32") -> Any:
+    from facepipe.commands.detect import detector_options
     from facepipe.detection.base import create_detector
 
+    options = {k: v for k, v in detector_options(name, 1, precision=precision).items() if k == "precision"}
     try:
-        return create_detector(name, weights=weights, device=device)
+        return create_detector(name, weights=weights, device=device, **options)
     except (ValueError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -170,12 +174,13 @@ def evaluate_bin(
 @click.option("--limit", type=click.IntRange(min=10), default=None, help="Use only the first N pairs of each file.")
 @out_option
 @roc_option
-def verify(bin_files, model, weights, device, threads, batch_size, limit, out, roc) -> None:
+@precision_option
+def verify(bin_files, model, weights, device, threads, batch_size, limit, out, roc, precision="fp32") -> None:
     """10-fold verification accuracy on insightface .bin files (crops as released, flip test)."""
     from facepipe.evaluation.verification import plot_roc, write_json
 
     set_threads(threads)
-    embedder = _build_embedder(model, weights, resolve_device(device), batch_size)
+    embedder = _build_embedder(model, weights, resolve_device(device), batch_size, precision)
     reports = []
     for path in bin_files:
         report = evaluate_bin(path, embedder, batch_size, limit)
@@ -183,7 +188,8 @@ def verify(bin_files, model, weights, device, threads, batch_size, limit, out, r
             click.echo(line)
         reports.append(report)
     data: dict[str, Any] = {r.name: r.to_dict() for r in reports}
-    data["meta"] = _meta(model, weights, bins=[str(p) for p in bin_files], limit=limit)
+    data["meta"] = _meta(model, weights, bins=[str(p) for p in bin_files], limit=limit,
+                         precision=getattr(embedder, "precision", "fp32"))
     write_json(data, out)
     if roc:
         plot_roc(reports, roc, title=f"{model}: verification ROC")
@@ -273,10 +279,17 @@ def _lfw_pair_list(root: str, pairs_file: str, splits: list[int] | None, limit: 
 
 
 def _spec(detector: str, detector_weights: str | None, model: str, weights: str | None, min_score: float,
-          pad: float, mode: str = "raw") -> Any:
+          pad: float, mode: str = "raw", det: Any = None, embedder: Any = None) -> Any:
+    """The cache identity; a model run in reduced precision is named ``model@bf16`` so fp32 features stay apart."""
     from facepipe.evaluation.raw_pipeline import PipelineSpec
 
+    detector = _with_precision(detector, getattr(getattr(det, "backend", None), "precision", "fp32"))
+    model = _with_precision(model, getattr(embedder, "precision", "fp32"))
     return PipelineSpec(detector, detector_weights, model, weights, min_score=min_score, mode=mode, pad=pad)
+
+
+def _with_precision(name: str, precision: str) -> str:
+    return name if precision == "fp32" else f"{name}@{precision}"
 
 
 def _entry(report: Any, summary: dict[str, Any]) -> dict[str, Any]:
@@ -298,7 +311,7 @@ splits_option = click.option(
 raw_protocol_options = [
     detector_option, detector_weights_option, model_option, weights_option, device_option, threads_option,
     batch_size_option, splits_option, limit_option, min_score_option, pad_option, *cache_options, out_option,
-    roc_option,
+    roc_option, precision_option,
 ]
 
 
@@ -309,16 +322,16 @@ raw_protocol_options = [
               show_default=True, help="Which protocol(s); repeatable.")
 @_apply(raw_protocol_options)
 def cfp(root, protocols, detector, detector_weights, model, weights, device, threads, batch_size, splits, limit,
-        min_score, pad, cache_dir, no_cache, out, roc) -> None:
+        min_score, pad, cache_dir, no_cache, out, roc, precision="fp32") -> None:
     """CFP-FF / CFP-FP from the raw images: detect, align, embed, 10-fold on the official splits."""
     from facepipe.evaluation.verification import plot_roc, write_json
 
     set_threads(threads)
     device = resolve_device(device)
     pair_lists = _cfp_pair_lists(root, protocols, _parse_int_list(splits, "--splits"), limit)
-    det = _build_detector(detector, detector_weights, device)
-    embedder = _build_embedder(model, weights, device, batch_size)
-    spec = _spec(detector, detector_weights, model, weights, min_score, pad)
+    det = _build_detector(detector, detector_weights, device, precision)
+    embedder = _build_embedder(model, weights, device, batch_size, precision)
+    spec = _spec(detector, detector_weights, model, weights, min_score, pad, det=det, embedder=embedder)
     data: dict[str, Any] = {}
     reports = []
     for protocol, pairs in pair_lists.items():
@@ -328,7 +341,8 @@ def cfp(root, protocols, detector, detector_weights, model, weights, device, thr
         data[protocol] = _entry(report, summary)
         reports.append(report)
     data["meta"] = _meta(model, weights, detector=detector, detector_weights=detector_weights or "bundled",
-                         root=str(root), splits=splits or "all", limit=limit, min_score=min_score, pad=pad)
+                         root=str(root), splits=splits or "all", limit=limit, min_score=min_score, pad=pad,
+                         precision=spec.model.partition("@")[2] or "fp32")
     write_json(data, out)
     if roc:
         plot_roc(reports, roc, title=f"{DETECTOR_TITLES.get(detector, detector)} + {model}: CFP ROC")
@@ -342,21 +356,22 @@ def cfp(root, protocols, detector, detector_weights, model, weights, device, thr
               help="The protocol file (pairs.txt).")
 @_apply(raw_protocol_options)
 def lfw(root, pairs_file, detector, detector_weights, model, weights, device, threads, batch_size, splits, limit,
-        min_score, pad, cache_dir, no_cache, out, roc) -> None:
+        min_score, pad, cache_dir, no_cache, out, roc, precision="fp32") -> None:
     """LFW from the raw images and pairs.txt: detect, align, embed, 10-fold on the official sets."""
     from facepipe.evaluation.verification import plot_roc, write_json
 
     set_threads(threads)
     device = resolve_device(device)
     pairs = _lfw_pair_list(root, pairs_file, _parse_int_list(splits, "--splits"), limit)
-    det = _build_detector(detector, detector_weights, device)
-    embedder = _build_embedder(model, weights, device, batch_size)
-    spec = _spec(detector, detector_weights, model, weights, min_score, pad)
+    det = _build_detector(detector, detector_weights, device, precision)
+    embedder = _build_embedder(model, weights, device, batch_size, precision)
+    spec = _spec(detector, detector_weights, model, weights, min_score, pad, det=det, embedder=embedder)
     report, summary = run_pairs("lfw", pairs, det, embedder, spec, _cache_dir(cache_dir, no_cache), batch_size)
     _echo_report(report, summary)
     data = {"LFW": _entry(report, summary)}
     data["meta"] = _meta(model, weights, detector=detector, detector_weights=detector_weights or "bundled",
-                         root=str(root), pairs=str(pairs_file), splits=splits or "all", limit=limit, min_score=min_score, pad=pad)
+                         root=str(root), pairs=str(pairs_file), splits=splits or "all", limit=limit, min_score=min_score, pad=pad,
+                         precision=spec.model.partition("@")[2] or "fp32")
     write_json(data, out)
     if roc:
         plot_roc([report], roc, title=f"{DETECTOR_TITLES.get(detector, detector)} + {model}: LFW ROC")
