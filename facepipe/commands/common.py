@@ -35,6 +35,23 @@ precision_option = click.option(
 )
 
 
+def check_detector_precision(precision: str, detector: str, device: str) -> None:
+    """Fail at the command boundary, in one line, before workers start: int8 (embedders only), a detector
+    without reduced precision, or a precision this CPU / installation cannot run."""
+    from facepipe.runtime.cpu import PrecisionError, resolve_precision
+
+    if precision == "fp32":
+        return
+    if precision == "int8":
+        raise click.UsageError("--precision int8 is for embedders; detectors run fp32, bf16 or auto")
+    if not detector.startswith("retinaface"):
+        raise click.UsageError(f"--precision {precision} is for the RetinaFace detectors; {detector} runs fp32")
+    try:
+        resolve_precision(precision, detector, device=device)
+    except PrecisionError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 def resolve_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise click.UsageError(f"--device {device} requested but CUDA is not available on this machine")
