@@ -177,3 +177,15 @@ def test_bf16_retinaface_finds_the_same_faces(home):
     assert json.dumps([round(float(f.score), 1) for f in sorted(a, key=lambda f: f.box[0])]) == json.dumps(
         [round(float(f.score), 1) for f in sorted(b, key=lambda f: f.box[0])]
     )
+
+
+def test_align_refuses_int8_and_mtcnn_precision_in_one_line(tmp_path):
+    from facepipe.cli import main
+
+    image = shared_path("images", "group", "t1.jpg")
+    runner = CliRunner()
+    for extra, needle in ((["--precision", "int8"], "int8 is for embedders"),
+                          (["--precision", "bf16", "--detector", "mtcnn"], "RetinaFace")):
+        result = runner.invoke(main, ["align", str(image), str(tmp_path / "out"), *extra])
+        assert result.exit_code == 2, result.output
+        assert needle in result.output and "Traceback" not in result.output
