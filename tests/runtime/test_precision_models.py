@@ -186,6 +186,6 @@ def test_align_refuses_int8_and_mtcnn_precision_in_one_line(tmp_path):
     runner = CliRunner()
     for extra, needle in ((["--precision", "int8"], "int8 is for embedders"),
                           (["--precision", "bf16", "--detector", "mtcnn"], "RetinaFace")):
-        result = runner.invoke(main, ["align", str(image), str(tmp_path / "out"), *extra])
+        result = runner.invoke(main, ["align", str(image), "--out", str(tmp_path / "out"), *extra])
         assert result.exit_code == 2, result.output
         assert needle in result.output and "Traceback" not in result.output
