@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 import numpy as np
@@ -113,7 +114,7 @@ def test_quantize_command_reports_the_cached_model(home, cfp_crops):
     second = runner.invoke(main, args)
     assert second.output == first.output and "int8 mobilefacenet:" in first.output
     path = first.output.split(": ", 1)[1].split(" (", 1)[0]
-    assert path.endswith(".onnx") and (home / "int8") in __import__("pathlib").Path(path).parents
+    assert path.endswith(".onnx") and (home / "int8") in Path(path).parents
 
 
 def test_quantize_command_needs_enough_crops(home, tmp_path):
