@@ -6,7 +6,16 @@ from pathlib import Path
 
 import click
 
-from facepipe.commands.common import detector_option, detector_weights_option, device_option, resolve_device, set_threads, threads_option
+from facepipe.commands.common import (
+    check_detector_precision,
+    detector_option,
+    detector_weights_option,
+    device_option,
+    precision_option,
+    resolve_device,
+    set_threads,
+    threads_option,
+)
 
 
 @click.group()
@@ -62,10 +71,12 @@ def build(
 @detector_weights_option
 @device_option
 @threads_option
+@precision_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 def search(
     gallery_path: Path, query: Path, k: int, out_path: Path | None, nprobe: int | None, ef_search: int | None,
     detector: str, detector_weights: str | None, device: str, threads: int | None, batch_size: int,
+    precision: str = "fp32",
 ) -> None:
     """Find the K nearest gallery faces of QUERY.
 
@@ -77,13 +88,15 @@ def search(
 
     device = resolve_device(device)
     set_threads(threads)
+    check_detector_precision(precision, detector, device)  # the embedder runs at the gallery's own precision
     if out_path is not None and out_path.suffix.lower() not in (".csv", ".parquet"):
         raise click.BadParameter("use a .csv or .parquet file name", param_hint="--out")
     try:
         gallery = Gallery(gallery_path)
         gallery.set_search_params(nprobe=nprobe, ef_search=ef_search)
         queries = embed_query(query, gallery.info.spec, detector=detector, detector_weights=detector_weights,
-                              device=device, batch_size=batch_size)
+                              device=device, batch_size=batch_size,
+                              detector_options={"precision": precision} if precision != "fp32" else None)
         if not len(queries.names):
             raise click.ClickException(f"no usable query face in {query}")
         scores, ids = gallery.search(queries.embeddings, k)

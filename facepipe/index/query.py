@@ -46,7 +46,10 @@ def embed_query(
     detector_weights: str | None = None,
     device: str = "cpu",
     batch_size: int = 64,
+    detector_options: dict[str, Any] | None = None,
 ) -> Queries:
+    """Embeddings of ``query``; an image is detected with ``detector`` (and ``detector_options``, e.g. its
+    precision) and embedded with the gallery's own settings (model, weights, precision, flip)."""
     query = Path(query)
     if is_embedding_dir(query):
         matrix, manifest = load_embeddings(query)
@@ -66,11 +69,14 @@ def embed_query(
         details = pd.DataFrame({"query": names})
         return Queries(names, batch.embeddings[keep].astype(np.float32), details)
     if is_image_path(query):
-        return _embed_image(query, spec, detector, detector_weights, device, batch_size)
+        return _embed_image(query, spec, detector, detector_weights, device, batch_size, detector_options or {})
     raise QueryError(f"{query}: not an image, a folder of aligned crops, or an embedding folder")
 
 
-def _embed_image(path: Path, spec: EmbedSpec, detector_name: str, detector_weights: str | None, device: str, batch_size: int) -> Queries:
+def _embed_image(
+    path: Path, spec: EmbedSpec, detector_name: str, detector_weights: str | None, device: str, batch_size: int,
+    detector_options: dict[str, Any],
+) -> Queries:
     from facepipe.alignment.similarity import align_faces
     from facepipe.detection.base import create_detector
 
@@ -78,7 +84,7 @@ def _embed_image(path: Path, spec: EmbedSpec, detector_name: str, detector_weigh
         image = read_image(path)
     except ImageDecodeError as exc:
         raise QueryError(f"{path}: {exc}") from exc
-    faces = create_detector(detector_name, weights=detector_weights, device=device).detect([image])[0]
+    faces = create_detector(detector_name, weights=detector_weights, device=device, **detector_options).detect([image])[0]
     faces = [f for f in faces if f.score >= 0.5]
     if not faces:
         return Queries([], np.zeros((0, 0), dtype=np.float32), pd.DataFrame({"query": []}))
