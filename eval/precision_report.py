@@ -182,6 +182,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="speed and cosines only")
     parser.add_argument("--iresnet-int8", action="store_true", help="also calibrate and time int8 iresnet100")
+    parser.add_argument("--embedders-only", action="store_true", help="skip iresnet100 speed and RetinaFace")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -217,8 +218,9 @@ def main() -> int:
     data["speed"] = data["FF"][1][:64]
 
     rows = embedder_rows(args, data, calibration)
-    rows += iresnet100_rows(args, data["speed"], calibration, workdir)
-    rows += retinaface_rows(args)
+    if not args.embedders_only:
+        rows += iresnet100_rows(args, data["speed"], calibration, workdir)
+        rows += retinaface_rows(args)
     print(f"\nCPU: {cpu_summary()}; CFP splits {sorted(splits)} (10-fold over their pairs); speed = x onnxruntime fp32, same run")
     print(markdown(rows))
     if args.json:
