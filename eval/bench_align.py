@@ -153,8 +153,13 @@ def main() -> None:
     parser.add_argument("--ceiling", action="store_true",
                         help="also measure what the cores allow: the baseline loop on one thread (x workers = the best "
                              "a process-per-core pipeline can do) and the pipeline's start-up (run on 2 images)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
+                        help="the pipeline's detector precision (README 'Reduced precision'); the baseline stays "
+                             "onnxruntime fp32, as FaceAnalysis runs it")
     args = parser.parse_args()
+    from facepipe.runtime.cpu import cpu_summary
 
+    print(f"CPU: {cpu_summary()}")
     paths, root = collect_images(args.limit)
     # The baseline runs the detector exactly as the pipeline's workers build it (same threshold, same pre-NMS
     # filter at min-score as insightface's detector applies, same options).
@@ -164,7 +169,7 @@ def main() -> None:
     config = AlignConfig(detector_options=options)
     pixels = sum(np.prod(cv2.imread(str(p), cv2.IMREAD_REDUCED_GRAYSCALE_8).shape) * 64 for p in paths) / len(paths)
     print(f"{len(paths)} images (mean {pixels / 1e6:.2f} MP), cores {os.cpu_count()}, RetinaFace-mnet bundled "
-          f"weights, backend {args.backend}")
+          f"weights, backend {args.backend}, pipeline precision {args.precision}")
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -173,8 +178,11 @@ def main() -> None:
         source = FileSource(paths, root, "benchmark")
         sampler = DescendantPeakMemory()
         sampler.start()
+        pipeline_config = config
+        if args.precision != "fp32":
+            pipeline_config = replace(config, detector_options={**config.detector_options, "precision": args.precision})
         summary = run_align(
-            config, source, tmp / "pipeline", workers=args.workers, batch_size=args.batch_size, progress=False
+            pipeline_config, source, tmp / "pipeline", workers=args.workers, batch_size=args.batch_size, progress=False
         )
         sampler.stop()
         child_rss = max(sampler.peaks.values(), default=0.0)

@@ -192,7 +192,10 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((name, detector.backend.name, size_name, threads, detect[name], network[name], detect[name] / reference_ms, faces))
                 print(f"  {name:40s} {size_name:13s} {threads} thr  detect {detect[name]:8.1f} ms  network {network[name]:8.1f} ms", file=sys.stderr, flush=True)
 
-    print(f"\nRetinaFace-MobileNet-0.25, full detect() per image, median of {args.runs} runs (torch {torch.__version__})")
+    from facepipe.runtime.cpu import cpu_summary
+
+    print(f"\nCPU: {cpu_summary()}")
+    print(f"RetinaFace-MobileNet-0.25, full detect() per image, median of {args.runs} runs (torch {torch.__version__})")
     header = f"| {'configuration':40s} | {'backend':16s} | {'image':13s} | thr | detect ms | network ms | ratio vs ORT | faces |"
     print(header)
     print("|" + "|".join("-" * (len(part)) for part in header.split("|")[1:-1]) + "|")

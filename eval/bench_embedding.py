@@ -95,6 +95,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    from facepipe.runtime.cpu import cpu_summary
+
+    print(f"CPU: {cpu_summary()}")
     print(f"torch {torch.__version__}, {args.threads} threads, no flip, preprocessing included; load average "
           f"{os.getloadavg()[0]:.1f} (figures are noisy when the machine is shared)")
     with tempfile.TemporaryDirectory() as tmp:

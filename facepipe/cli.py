@@ -49,6 +49,7 @@ class LazyGroup(click.Group):
         "embed": ("facepipe.commands.embed:embed", "Embed aligned crops into sharded .npy files."),
         "index": ("facepipe.commands.index:index", "Build and search FAISS galleries of embeddings."),
         "models": ("facepipe.commands.models:models", "List model architectures and input contracts."),
+        "quantize": ("facepipe.commands.quantize:quantize", "Calibrate an int8 embedder on your own face crops."),
         "train": ("facepipe.commands.train:train", "Train detectors (RetinaFace)."),
     },
 )

@@ -9,11 +9,13 @@ import click
 
 from facepipe.commands.common import (
     apply_pack,
+    check_detector_precision,
     detector_option,
     detector_weights_option,
     device_option,
     min_score_option,
     pack_option,
+    precision_option,
     resolve_device,
 )
 from facepipe.engine.cli_options import engine_option, engine_options, num_gpus_option, ray_address_option
@@ -61,6 +63,7 @@ def _parse_size(value: str) -> int | tuple[int, int]:
 @detector_option
 @detector_weights_option
 @pack_option
+@precision_option
 @click.option("--detector-option", "detector_options", multiple=True, metavar="KEY=VALUE",
               help="Extra detector setting, repeatable, e.g. scale=fixed, backend=torch, max_size=1600.")
 @device_option
@@ -82,7 +85,7 @@ def align(
     max_pixels: int, detect_max_side: int, detector: str, detector_weights: str | None, pack: Path | None,
     detector_options: tuple[str, ...], device: str,
     workers: int | None, batch_size: int, chunk_size: int, root: Path | None, overwrite: bool, progress: bool,
-    engine: str = "local", ray_address: str | None = None, num_gpus: float | None = None,
+    engine: str = "local", ray_address: str | None = None, num_gpus: float | None = None, precision: str = "fp32",
 ) -> None:
     """Align every image of INPUT (a folder tree, an image, a .txt/.lst list of paths, or a train.rec).
 
@@ -105,12 +108,13 @@ def align(
     if workers is not None and workers < 0:
         raise click.BadParameter("must be 0 or more", param_hint="--workers")
     detector, detector_weights = apply_pack(pack, detector, detector_weights)
+    check_detector_precision(precision, detector, device)
     try:
         config = AlignConfig(
             size=_parse_size(size), keep=keep, min_score=min_score, retry_padded=retry_padded, pad_ratio=pad_ratio,
             image_format=image_format, jpeg_quality=jpeg_quality, max_pixels=max_pixels,
             detect_max_side=detect_max_side or None, detector=detector, detector_weights=detector_weights,
-            detector_options=_parse_options(detector_options),
+            detector_options={**_parse_options(detector_options), **({"precision": precision} if precision != "fp32" else {})},
             landmarks_file=str(landmarks_file) if landmarks_file is not None else None, device=device,
         )
     except ValueError as exc:  # bad option values: nothing is created

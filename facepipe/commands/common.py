@@ -77,6 +77,28 @@ device_option = click.option(
 threads_option = click.option(
     "--threads", type=int, default=None, help="CPU threads for torch/onnxruntime (default: all cores).",
 )
+precision_option = click.option(
+    "--precision", type=click.Choice(["fp32", "bf16", "int8", "auto"]), default="fp32", show_default=True,
+    help="CPU inference precision: fp32 exact; bf16 (OpenVINO, CPUs with avx512_bf16); int8 (embedders, after "
+    "`facepipe quantize`); auto = the fastest this CPU supports that passed the accuracy report (README).",
+)
+
+
+def check_detector_precision(precision: str, detector: str, device: str) -> None:
+    """Fail at the command boundary, in one line, before workers start: int8 (embedders only), a detector
+    without reduced precision, or a precision this CPU / installation cannot run."""
+    from facepipe.runtime.cpu import PrecisionError, resolve_precision
+
+    if precision == "fp32":
+        return
+    if precision == "int8":
+        raise click.UsageError("--precision int8 is for embedders; detectors run fp32, bf16 or auto")
+    if not detector.startswith("retinaface"):
+        raise click.UsageError(f"--precision {precision} is for the RetinaFace detectors; {detector} runs fp32")
+    try:
+        resolve_precision(precision, detector, device=device)
+    except PrecisionError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def apply_pack(pack: Path | None, detector: str, weights: str | None) -> tuple[str, str | None]:

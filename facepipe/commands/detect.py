@@ -20,6 +20,7 @@ from facepipe.commands.common import (
     device_option,
     min_score_option,
     pack_option,
+    precision_option,
     resolve_device,
     set_threads,
     threads_option,
@@ -122,13 +123,20 @@ def detect_batch(detector, images: list[np.ndarray]) -> list[list[Face] | Except
     return results
 
 
-def detector_options(detector: str, batch_size: int, threshold: float | None = None, scale: str | None = None) -> dict:
-    """Factory options for ``create_detector``: RetinaFace and SCRFD take a score threshold and a scale policy.
+def detector_options(
+    detector: str, batch_size: int, threshold: float | None = None, scale: str | None = None, precision: str = "fp32"
+) -> dict:
+    """Factory options for ``create_detector``: RetinaFace and SCRFD take a score threshold and a scale policy;
+    RetinaFace also a reduced precision.
 
     ``scale`` None is each detector's default: RetinaFace runs the original size, SCRFD letterboxes to its
     ``det_size`` (insightface's test, also called ``fixed``); SCRFD's ``original`` runs the image unresized.
     """
     options: dict = {"batch_size": batch_size}
+    if precision != "fp32":
+        if not detector.startswith("retinaface"):
+            raise click.UsageError(f"--precision {precision} is for the RetinaFace detectors; {detector} runs fp32")
+        options["precision"] = precision
     if detector.startswith("retinaface") or detector == "scrfd":
         if threshold is not None:
             options["threshold"] = threshold
@@ -171,6 +179,7 @@ def _visual_path(root: Path, relative: Path) -> Path:
 )
 @device_option
 @threads_option
+@precision_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images per detector call.")
 def detect(
     inputs: tuple[Path, ...],
@@ -182,6 +191,7 @@ def detect(
     visualize: Path | None,
     device: str,
     threads: int | None,
+    precision: str,
     batch_size: int,
 ) -> None:
     """Detect faces in IMAGES_OR_DIRS (folders are walked recursively).
@@ -198,7 +208,7 @@ def detect(
     sources = collect_inputs(inputs)
     if not sources:
         raise click.UsageError("no image files found in the given inputs")
-    options = pipeline_detector_options(detector, detector_options(detector, batch_size, min_score))
+    options = pipeline_detector_options(detector, detector_options(detector, batch_size, min_score, precision=precision))
     model = build_detector(detector, detector_weights, device, **options)
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from facepipe.commands.common import (
     device_option,
     min_score_option,
     model_option,
+    precision_option,
     resolve_device,
     set_threads,
     threads_option,
@@ -58,6 +59,7 @@ from facepipe.engine.cli_options import engine_option, engine_options, num_gpus_
               help="--detect: black border per side for detection, as a fraction of the longer side (tight crops).")
 @device_option
 @threads_option
+@precision_option
 @click.option("--overwrite", is_flag=True, help="Start over even if OUT holds a run with other settings.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @engine_option
@@ -72,6 +74,7 @@ def embed(
     detector_weights: str | None, detector_options: tuple[str, ...], keep: str, min_score: float, pad_ratio: float,
     device: str, threads: int | None, overwrite: bool, progress: bool,
     engine: str = "local", ray_address: str | None = None, num_gpus: float | None = None, actors: int | None = None,
+    precision: str = "fp32",
 ) -> None:
     """Embed every aligned crop of INPUT: a folder of crops, or what `facepipe align` wrote with any --sink
     (folder, train.rec with its labels.tsv, tar shards). With --detect, INPUT holds raw photos (a folder tree, an
@@ -112,6 +115,8 @@ def embed(
         if given:
             raise click.UsageError(f"{', '.join(given)} only apply to --model onnx")
         options = {"backend": backend, **({"fp16": True} if fp16 else {})}
+    if precision != "fp32":  # part of the run's settings: a resumed run never mixes precisions
+        options["precision"] = precision
     try:
         spec = EmbedSpec(model=model, weights=str(Path(weights).resolve()) if weights else None, flip=flip,
                          normalize=normalize, dtype=dtype, options=options)

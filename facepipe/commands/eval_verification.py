@@ -24,6 +24,7 @@ from facepipe.commands.common import (
     device_option,
     min_score_option,
     model_option,
+    precision_option,
     resolve_device,
     set_threads,
     threads_option,
@@ -92,16 +93,19 @@ def _cache_dir(cache_dir: str | None, no_cache: bool) -> Path | None:
     return Path(cache_dir) if cache_dir else default_cache_dir()
 
 
-def _build_embedder(model: str, weights: str | None, device: str, batch_size: int) -> Any:
+def _build_embedder(model: str, weights: str | None, device: str, batch_size: int, precision: str = "fp32") -> Any:
     from facepipe.embedding.base import create_embedder
 
-    return create_embedder(model, weights=weights, device=device, batch_size=batch_size)
+    options = {"precision": precision} if precision != "fp32" else {}
+    return create_embedder(model, weights=weights, device=device, batch_size=batch_size, **options)
 
 
-def _build_detector(name: str, weights: str | None, device: str) -> Any:
+def _build_detector(name: str, weights: str | None, device: str, precision: str = "fp32") -> Any:
+    from facepipe.commands.detect import detector_options
     from facepipe.detection.base import create_detector
 
-    return create_detector(name, weights=weights, device=device)
+    options = {k: v for k, v in detector_options(name, 1, precision=precision).items() if k == "precision"}
+    return create_detector(name, weights=weights, device=device, **options)
 
 
 def _meta(model: str, weights: str | None, **extra: Any) -> dict[str, Any]:
@@ -139,21 +143,23 @@ def _echo_block(title: str, report: Any, summary: dict[str, Any] | None = None) 
 @click.option("--limit", type=click.IntRange(min=10), default=None, help="Use only the first N pairs of each file.")
 @out_option
 @roc_option
-def verify(bin_files, model, weights, device, threads, batch_size, limit, out, roc) -> None:
+@precision_option
+def verify(bin_files, model, weights, device, threads, batch_size, limit, out, roc, precision="fp32") -> None:
     """10-fold verification accuracy on insightface .bin files (crops as released, flip test)."""
     from facepipe.evaluation.verification import plot_roc, write_json
     from facepipe.evaluation.verification_runs import evaluate_bin
 
     set_threads(threads)
     with _clear_errors():
-        embedder = _build_embedder(model, weights, resolve_device(device), batch_size)
+        embedder = _build_embedder(model, weights, resolve_device(device), batch_size, precision)
         reports = []
         for path in bin_files:
             report = evaluate_bin(path, embedder, batch_size, limit)
             _echo_block(block_title(Path(path).stem, model, None), report)
             reports.append(report)
     data: dict[str, Any] = {r.name: r.to_dict() for r in reports}
-    data["meta"] = _meta(model, weights, bins=[str(p) for p in bin_files], limit=limit)
+    data["meta"] = _meta(model, weights, bins=[str(p) for p in bin_files], limit=limit,
+                         precision=getattr(embedder, "precision", "fp32"))
     write_json(data, out)
     if roc:
         plot_roc(reports, roc, title=f"{model}: verification ROC")
@@ -164,10 +170,17 @@ def verify(bin_files, model, weights, device, threads, batch_size, limit, out, r
 
 
 def _spec(detector: str, detector_weights: str | None, model: str, weights: str | None, min_score: float,
-          pad: float, mode: str = "raw") -> Any:
+          pad: float, mode: str = "raw", det: Any = None, embedder: Any = None) -> Any:
+    """The cache identity; a model run in reduced precision is named ``model@bf16`` so fp32 features stay apart."""
     from facepipe.evaluation.raw_pipeline import PipelineSpec
 
+    detector = _with_precision(detector, getattr(getattr(det, "backend", None), "precision", "fp32"))
+    model = _with_precision(model, getattr(embedder, "precision", "fp32"))
     return PipelineSpec(detector, detector_weights, model, weights, min_score=min_score, mode=mode, pad=pad)
+
+
+def _with_precision(name: str, precision: str) -> str:
+    return name if precision == "fp32" else f"{name}@{precision}"
 
 
 def _entry(report: Any, summary: dict[str, Any]) -> dict[str, Any]:
@@ -177,7 +190,7 @@ def _entry(report: Any, summary: dict[str, Any]) -> dict[str, Any]:
 def _run_protocols(
     pair_lists: dict[str, tuple[str, str, Any]], detector_name: str, detector_weights: str | None, model: str,
     weights: str | None, device: str, batch_size: int, min_score: float, pad: float, cache: Path | None,
-    out: str, roc: str | None, roc_title: str, meta: dict[str, Any],
+    out: str, roc: str | None, roc_title: str, meta: dict[str, Any], precision: str = "fp32",
 ) -> None:
     """``{report key: (report name, printed title, pairs)}`` through one detector and embedder; the JSON report
     (and ROC)."""
@@ -185,9 +198,9 @@ def _run_protocols(
     from facepipe.evaluation.verification_runs import run_pairs
 
     with _clear_errors():
-        detector = _build_detector(detector_name, detector_weights, device)
-        embedder = _build_embedder(model, weights, device, batch_size)
-        spec = _spec(detector_name, detector_weights, model, weights, min_score, pad)
+        detector = _build_detector(detector_name, detector_weights, device, precision)
+        embedder = _build_embedder(model, weights, device, batch_size, precision)
+        spec = _spec(detector_name, detector_weights, model, weights, min_score, pad, det=detector, embedder=embedder)
         data: dict[str, Any] = {}
         reports = []
         for key, (name, title, pairs) in pair_lists.items():
@@ -196,7 +209,7 @@ def _run_protocols(
             data[key] = _entry(report, summary)
             reports.append(report)
     data["meta"] = _meta(model, weights, detector=detector_name, detector_weights=detector_weights or "bundled",
-                         min_score=min_score, pad=pad, **meta)
+                         min_score=min_score, pad=pad, precision=spec.model.partition("@")[2] or "fp32", **meta)
     write_json(data, out)
     if roc:
         plot_roc(reports, roc, title=f"{DETECTOR_TITLES.get(detector_name, detector_name)} + {model}: {roc_title} ROC")
@@ -212,7 +225,7 @@ splits_option = click.option(
 raw_protocol_options = [
     detector_option, detector_weights_option, model_option, weights_option, device_option, threads_option,
     batch_size_option, splits_option, limit_option, min_score_option, pad_option, *cache_options, out_option,
-    roc_option,
+    roc_option, precision_option,
 ]
 
 
@@ -223,7 +236,7 @@ raw_protocol_options = [
               show_default=True, help="Which protocol(s); repeatable.")
 @_apply(raw_protocol_options)
 def cfp(root, protocols, detector, detector_weights, model, weights, device, threads, batch_size, splits, limit,
-        min_score, pad, cache_dir, no_cache, out, roc) -> None:
+        min_score, pad, cache_dir, no_cache, out, roc, precision="fp32") -> None:
     """CFP-FF / CFP-FP from the raw images: detect, align, embed, 10-fold on the official splits."""
     from facepipe.evaluation.verification_runs import cfp_pair_lists
 
@@ -232,7 +245,7 @@ def cfp(root, protocols, detector, detector_weights, model, weights, device, thr
         pair_lists = cfp_pair_lists(root, protocols, _parse_int_list(splits, "--splits"), limit)
     _run_protocols({p: (f"cfp_{p.lower()}", f"CFP-{p}", pairs) for p, pairs in pair_lists.items()}, detector, detector_weights,
                    model, weights, resolve_device(device), batch_size, min_score, pad, _cache_dir(cache_dir, no_cache),
-                   out, roc, "CFP", {"root": str(root), "splits": splits or "all", "limit": limit})
+                   out, roc, "CFP", {"root": str(root), "splits": splits or "all", "limit": limit}, precision)
 
 
 @click.command()
@@ -242,7 +255,7 @@ def cfp(root, protocols, detector, detector_weights, model, weights, device, thr
               help="The protocol file (pairs.txt).")
 @_apply(raw_protocol_options)
 def lfw(root, pairs_file, detector, detector_weights, model, weights, device, threads, batch_size, splits, limit,
-        min_score, pad, cache_dir, no_cache, out, roc) -> None:
+        min_score, pad, cache_dir, no_cache, out, roc, precision="fp32") -> None:
     """LFW from the raw images and pairs.txt: detect, align, embed, 10-fold on the official sets."""
     from facepipe.evaluation.verification_runs import lfw_pair_list
 
@@ -251,7 +264,7 @@ def lfw(root, pairs_file, detector, detector_weights, model, weights, device, th
         pairs = lfw_pair_list(root, pairs_file, _parse_int_list(splits, "--splits"), limit)
     _run_protocols({"LFW": ("lfw", "LFW", pairs)}, detector, detector_weights, model, weights, resolve_device(device),
                    batch_size, min_score, pad, _cache_dir(cache_dir, no_cache), out, roc, "LFW",
-                   {"root": str(root), "pairs": str(pairs_file), "splits": splits or "all", "limit": limit})
+                   {"root": str(root), "pairs": str(pairs_file), "splits": splits or "all", "limit": limit}, precision)
 
 
 # --------------------------------------------------------------------------------------------------- comparison

@@ -14,6 +14,7 @@ from facepipe.commands.common import (
     detector_weights_option,
     device_option,
     set_threads,
+    precision_option,
     threads_option,
 )
 from facepipe.commands.detect import InputImage, build_detector, detect_batch, detector_options, iter_loaded_batches
@@ -86,6 +87,7 @@ def _check_run_info(prediction_dir: Path, run_info: dict) -> None:
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the PR curves to this .png.")
 @device_option
 @threads_option
+@precision_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Images per detector call.")
 def widerface(
     images_dir: Path | None,
@@ -99,6 +101,7 @@ def widerface(
     device: str,
     threads: int | None,
     batch_size: int,
+    precision: str = "fp32",
 ) -> None:
     """WIDER FACE val easy / medium / hard AP (official protocol) over the given images.
 
@@ -132,9 +135,11 @@ def widerface(
         folder = Path(scratch) if prediction_dir is None else prediction_dir
         missing = [s for s in sources if not wider.prediction_path(folder, wider.image_key(s.path)).is_file()]
         run_info = {"detector": detector, "weights": detector_weights, "scale": scale or ("letterbox" if detector == "scrfd" else "original")}
+        if precision != "fp32":  # predictions of another precision are another run (fp32 folders stay valid)
+            run_info["precision"] = precision
         if missing:
             # Build the detector first: bad settings or weights must fail before the folder is claimed.
-            options = detector_options(detector, batch_size, EVAL_SCORE_THRESHOLD, scale)
+            options = detector_options(detector, batch_size, EVAL_SCORE_THRESHOLD, scale, precision)
             set_threads(threads)
             model = build_detector(detector, detector_weights, device, **options)
             _check_run_info(folder, run_info)

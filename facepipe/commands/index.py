@@ -7,10 +7,12 @@ from pathlib import Path
 import click
 
 from facepipe.commands.common import (
+    check_detector_precision,
     detector_option,
     detector_weights_option,
     device_option,
     min_score_option,
+    precision_option,
     resolve_device,
     set_threads,
     threads_option,
@@ -71,10 +73,12 @@ def build(
 @min_score_option
 @device_option
 @threads_option
+@precision_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 def search(
     gallery_path: Path, query: Path, k: int, out_path: Path | None, nprobe: int | None, ef_search: int | None,
     detector: str, detector_weights: str | None, min_score: float, device: str, threads: int | None, batch_size: int,
+    precision: str = "fp32",
 ) -> None:
     """Find the K nearest gallery faces of QUERY.
 
@@ -87,13 +91,15 @@ def search(
 
     device = resolve_device(device)
     set_threads(threads)
+    check_detector_precision(precision, detector, device)  # the embedder runs at the gallery's own precision
     if out_path is not None and out_path.suffix.lower() not in (".csv", ".parquet"):
         raise click.BadParameter("use a .csv or .parquet file name", param_hint="--out")
     try:
         gallery = Gallery(gallery_path)
         gallery.set_search_params(nprobe=nprobe, ef_search=ef_search)
         queries = embed_query(query, gallery.info.spec, detector=detector, detector_weights=detector_weights,
-                              min_score=min_score, device=device, batch_size=batch_size)
+                              min_score=min_score, device=device, batch_size=batch_size,
+                              detector_options={"precision": precision} if precision != "fp32" else None)
         if not len(queries.names):
             raise click.ClickException(f"no usable query face in {query}")
         scores, ids = gallery.search(queries.embeddings, k)

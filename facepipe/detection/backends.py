@@ -130,6 +130,8 @@ class OnnxRuntimeBackend:
         model: str | os.PathLike | bytes,
         device: str = "cpu",
         intra_op_threads: int | None = None,
+        precision: str = "fp32",
+        model_name: str = "retinaface",
     ) -> None:
         self.session = onnxruntime_session(model, device, intra_op_threads)
         inputs = self.session.get_inputs()
@@ -137,6 +139,17 @@ class OnnxRuntimeBackend:
             raise ValueError("expected a RetinaFace ONNX graph with 1 input and 3 outputs (loc, conf, landmarks)")
         self.input_name = inputs[0].name
         self.name = "onnxruntime-" + ("cuda" if device.startswith("cuda") else "cpu")
+        self.precision = "fp32"
+        if precision != "fp32":  # bf16 on OpenVINO where the CPU has it (facepipe.runtime); same run() call
+            from facepipe.runtime.sessions import reduced_precision_session
+
+            data = model if isinstance(model, bytes) else Path(model).read_bytes()
+            session, self.precision = reduced_precision_session(
+                data, precision, model_name, options.intra_op_num_threads, device, kind="detector"
+            )
+            if session is not None:
+                self.session = session
+                self.name = f"openvino-cpu-{self.precision}"
 
     def __call__(self, batch: np.ndarray) -> NetworkOutputs:
         loc, conf, landms = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})

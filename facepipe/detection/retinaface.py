@@ -242,16 +242,17 @@ def _split_options(options: dict[str, Any]) -> tuple[RetinaFaceSettings, dict[st
     return RetinaFaceSettings(**settings), rest
 
 
-def _check_backend_options(rest: dict[str, Any]) -> tuple[str, bool, int | None]:
+def _check_backend_options(rest: dict[str, Any]) -> tuple[str, bool, int | None, str]:
     backend = rest.pop("backend", "auto")
     fp16 = bool(rest.pop("fp16", False))
     threads = rest.pop("intra_op_threads", None)
+    precision = str(rest.pop("precision", None) or "fp32").lower()
     if rest:
-        known = sorted(_SETTING_NAMES | {"backend", "fp16", "intra_op_threads"})
+        known = sorted(_SETTING_NAMES | {"backend", "fp16", "intra_op_threads", "precision"})
         raise TypeError(f"unknown RetinaFace option(s) {sorted(rest)}; known: {', '.join(known)}")
     if backend not in ("auto", "torch", "onnxruntime"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'onnxruntime', got {backend!r}")
-    return backend, fp16, threads
+    return backend, fp16, threads, precision
 
 
 def _onnxruntime_available() -> bool:
@@ -259,14 +260,20 @@ def _onnxruntime_available() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
 
 
-def _backend_for_model(model: RetinaFace, device: str, backend: str, fp16: bool, threads: int | None) -> RetinaFaceBackend:
+def _backend_for_model(
+    model: RetinaFace, device: str, backend: str, fp16: bool, threads: int | None, precision: str = "fp32", name: str = "retinaface"
+) -> RetinaFaceBackend:
     if backend == "auto":
         # Measured (eval/bench_detection.py): on CPU onnxruntime runs this network faster than torch.
         backend = "onnxruntime" if device == "cpu" and not fp16 and _onnxruntime_available() else "torch"
     if backend == "onnxruntime":
         if fp16:
             raise ValueError("fp16 is a torch CUDA option; the onnxruntime backend runs float32")
-        return OnnxRuntimeBackend(export_onnx(model), device=device, intra_op_threads=threads)
+        return OnnxRuntimeBackend(export_onnx(model), device=device, intra_op_threads=threads, precision=precision, model_name=name)
+    if precision not in ("fp32", "auto"):
+        from facepipe.runtime.cpu import PrecisionError
+
+        raise PrecisionError(f"precision {precision} runs on the CPU runtimes: use --device cpu with onnxruntime installed")
     return TorchBackend(model, device=device, fp16=fp16)
 
 
@@ -275,12 +282,13 @@ def create_retinaface_mnet(weights: str | None = None, device: str = "cpu", **op
 
     Options: every :class:`RetinaFaceSettings` field, ``backend`` ("auto", "torch", "onnxruntime";
     auto = onnxruntime on CPU when installed, torch otherwise), ``fp16`` (torch on CUDA) and
-    ``intra_op_threads`` (onnxruntime; default ``torch.get_num_threads()``).
+    ``intra_op_threads`` (onnxruntime; default ``torch.get_num_threads()``) and ``precision`` (fp32 / bf16 /
+    auto on CPU, see ``facepipe.runtime.cpu``; int8 is refused for detectors).
     """
     settings, rest = _split_options(options)
-    backend, fp16, threads = _check_backend_options(rest)
+    backend, fp16, threads, precision = _check_backend_options(rest)
     model = retinaface_mnet025(weights=weights, pretrained=weights is None)
-    return RetinaFaceDetector(_backend_for_model(model, device, backend, fp16, threads), settings, "retinaface")
+    return RetinaFaceDetector(_backend_for_model(model, device, backend, fp16, threads, precision), settings, "retinaface")
 
 
 def create_retinaface_r50(weights: str | None = None, device: str = "cpu", **options: Any) -> RetinaFaceDetector:
@@ -291,9 +299,10 @@ def create_retinaface_r50(weights: str | None = None, device: str = "cpu", **opt
             "https://github.com/biubug6/Pytorch_Retinaface and pass --detector-weights PATH"
         )
     settings, rest = _split_options(options)
-    backend, fp16, threads = _check_backend_options(rest)
+    backend, fp16, threads, precision = _check_backend_options(rest)
     model = retinaface_r50(weights=weights)
-    return RetinaFaceDetector(_backend_for_model(model, device, backend, fp16, threads), settings, "retinaface-r50")
+    backend_ = _backend_for_model(model, device, backend, fp16, threads, precision, "retinaface-r50")
+    return RetinaFaceDetector(backend_, settings, "retinaface-r50")
 
 
 def create_retinaface_onnx(weights: str | None = None, device: str = "cpu", **options: Any) -> RetinaFaceDetector:
@@ -305,11 +314,12 @@ def create_retinaface_onnx(weights: str | None = None, device: str = "cpu", **op
     """
     settings, rest = _split_options(options)
     rest.setdefault("backend", "onnxruntime")
-    backend, fp16, threads = _check_backend_options(rest)
+    backend, fp16, threads, precision = _check_backend_options(rest)
     if backend != "onnxruntime" or fp16:
         raise ValueError("retinaface-onnx always runs onnxruntime in float32")
     if weights is not None and Path(weights).suffix.lower() == ".onnx":
         source: str | os.PathLike | bytes = weights
     else:
         source = export_onnx(retinaface_mnet025(weights=weights, pretrained=weights is None))
-    return RetinaFaceDetector(OnnxRuntimeBackend(source, device=device, intra_op_threads=threads), settings, "retinaface-onnx")
+    runtime = OnnxRuntimeBackend(source, device=device, intra_op_threads=threads, precision=precision, model_name="retinaface-onnx")
+    return RetinaFaceDetector(runtime, settings, "retinaface-onnx")

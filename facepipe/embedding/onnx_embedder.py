@@ -117,6 +117,9 @@ class OnnxEmbedder(PairEmbedding):
         input_format: str | None = None,
         mean: float | Sequence[float] | None = None,
         std: float | Sequence[float] | None = None,
+        precision: str = "fp32",
+        calibrate: str | os.PathLike | None = None,
+        model_name: str = "onnx",
     ) -> None:
         onnx, ort = _require_onnx()
         self.path = Path(path)
@@ -166,9 +169,13 @@ class OnnxEmbedder(PairEmbedding):
             raise ValueError(f"input_format must be RGB or BGR, got {input_format!r}")
 
         self.fixed_batch = dims[0] if dims[0] else None
-        self.session = ort.InferenceSession(model.SerializeToString(), self.options, providers=self.providers)
+        self.model_bytes = model.SerializeToString()
+        self.session = ort.InferenceSession(self.model_bytes, self.options, providers=self.providers)
         if self.fixed_batch == 1:
             self._try_dynamic_batch(model, ort)
+        self.precision = "fp32"
+        if precision != "fp32" or calibrate is not None:
+            self._use_precision(precision, calibrate, model_name, threads, device)
         if self.config.embedding_size is None:
             probe = self._run(np.zeros((1, 3, *input_size), dtype=np.float32))
             self.config = replace(self.config, embedding_size=int(probe.shape[-1]))
@@ -182,13 +189,30 @@ class OnnxEmbedder(PairEmbedding):
         probe = rng.standard_normal((3, 3, h, w)).astype(np.float32)
         single = np.concatenate([self._run_session(self.session, probe[i : i + 1]) for i in range(3)])
         try:
-            dynamic = ort.InferenceSession(make_batch_dynamic(model).SerializeToString(), self.options, providers=self.providers)
+            dynamic_bytes = make_batch_dynamic(model).SerializeToString()
+            dynamic = ort.InferenceSession(dynamic_bytes, self.options, providers=self.providers)
             batched = self._run_session(dynamic, probe)
         except Exception:  # the graph hard-codes its batch somewhere we cannot rewrite: keep batch 1
             return
         if batched.shape == single.shape and np.allclose(batched, single, rtol=1e-4, atol=1e-4 * np.abs(single).max()):
             self.session = dynamic
+            self.model_bytes = dynamic_bytes
             self.fixed_batch = None
+
+    def _use_precision(self, precision: str, calibrate: str | os.PathLike | None, model_name: str, threads: int | None, device: str) -> None:
+        """Swap the fp32 session for a bf16 / int8 one of the same graph (facepipe.runtime; fp32 keeps it)."""
+        from facepipe.runtime.sessions import reduced_precision_session
+
+        def calibration_batch(crops: np.ndarray) -> np.ndarray:
+            x = preprocess(crops, self.config)
+            return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if self.channels_last else x
+
+        session, self.precision = reduced_precision_session(
+            self.model_bytes, precision, model_name, threads, device, kind="embedder", input_name=self.input_name,
+            input_size=self.config.input_size, preprocess=calibration_batch, calibrate=calibrate,
+        )
+        if session is not None:
+            self.session = session
 
     def _run_session(self, session: Any, x: np.ndarray) -> np.ndarray:
         if self.channels_last:
@@ -205,7 +229,10 @@ class OnnxEmbedder(PairEmbedding):
 
     def __repr__(self) -> str:
         c = self.config
-        return f"OnnxEmbedder({self.path.name}, {c.input_format}, mean={c.mean[0]:g}, std={c.std[0]:g}, size={c.input_size})"
+        return (
+            f"OnnxEmbedder({self.path.name}, {c.input_format}, mean={c.mean[0]:g}, std={c.std[0]:g}, size={c.input_size}, "
+            f"precision={self.precision})"
+        )
 
 
 def _triple(value: float | Sequence[float]) -> tuple[float, float, float]:
@@ -230,8 +257,9 @@ def _providers(device: str, ort: Any) -> list[str]:
 def create_onnx_embedder(
     weights: str | os.PathLike | None = None, device: str = "cpu", preset: str | None = None, **options: Any
 ) -> OnnxEmbedder:
-    """``weights`` is the ``.onnx`` file; options: batch_size, threads, input_format, mean, std, and
-    ``preset`` (a key of ``PRESETS``) whose values explicit options override."""
+    """``weights`` is the ``.onnx`` file; options: batch_size, threads, input_format, mean, std, precision
+    (fp32 / bf16 / int8 / auto, ``facepipe.runtime.cpu``), calibrate (int8 crops folder), and ``preset`` (a key
+    of ``PRESETS``) whose values explicit options override."""
     if weights is None:
         raise ValueError("the onnx embedder needs --weights FILE.onnx (e.g. w600k_r50.onnx, glintr100.onnx)")
     if preset is not None:

@@ -117,11 +117,13 @@ def _split_options(options: dict[str, Any]) -> tuple[str, int | None, dict[str, 
     options = dict(options)
     backend = options.pop("backend", "auto") or "auto"
     threads = options.pop("threads", None)
+    options.pop("precision", None)  # read by _build
+    options.pop("calibrate", None)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     unknown = set(options) - _TORCH_OPTIONS
     if unknown:
-        known = sorted(_TORCH_OPTIONS | {"backend", "threads"})
+        known = sorted(_TORCH_OPTIONS | {"backend", "threads", "precision", "calibrate"})
         raise TypeError(f"unknown embedder options: {', '.join(sorted(unknown))} (known: {', '.join(known)})")
     return backend, threads, options
 
@@ -164,8 +166,16 @@ def _build(name: str, model: nn.Module, weights: str | os.PathLike, device: str,
     processes compete for the cores (REFERENCE.md); embeddings agree to float32 rounding (tested).
     """
     backend, threads, torch_options = _split_options(options)
+    precision, calibrate = options.get("precision") or "fp32", options.get("calibrate")
     config = get_config(name)
     if not _use_onnxruntime(backend, device, torch_options):
+        if precision not in ("fp32", "auto"):
+            from facepipe.runtime.cpu import PrecisionError
+
+            raise PrecisionError(
+                f"precision {precision} runs on the CPU runtimes: use --device cpu with backend auto or onnxruntime "
+                "(pip install 'facepipe[onnx]')"
+            )
         return TorchEmbedder(model, config, device=device, **torch_options)
     from facepipe.embedding.onnx_embedder import OnnxEmbedder
 
@@ -179,6 +189,9 @@ def _build(name: str, model: nn.Module, weights: str | os.PathLike, device: str,
         input_format=config.input_format,
         mean=config.mean,
         std=config.std,
+        precision=precision,
+        calibrate=calibrate,
+        model_name=name,
     )
     runtime.name = config.name
     return runtime

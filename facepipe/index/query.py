@@ -47,7 +47,10 @@ def embed_query(
     device: str = "cpu",
     batch_size: int = 64,
     min_score: float = 0.5,
+    detector_options: dict[str, Any] | None = None,
 ) -> Queries:
+    """Embeddings of ``query``; an image is detected with ``detector`` (and ``detector_options``, e.g. its
+    precision) and embedded with the gallery's own settings (model, weights, precision, flip)."""
     query = Path(query)
     if is_embedding_dir(query):
         matrix, manifest = load_embeddings(query)
@@ -67,13 +70,13 @@ def embed_query(
         details = pd.DataFrame({"query": names})
         return Queries(names, batch.embeddings[keep].astype(np.float32), details)
     if is_image_path(query):
-        return _embed_image(query, spec, detector, detector_weights, device, batch_size, min_score)
+        return _embed_image(query, spec, detector, detector_weights, device, batch_size, min_score, detector_options or {})
     raise QueryError(f"{query}: not an image, a folder of aligned crops, or an embedding folder")
 
 
 def _embed_image(
     path: Path, spec: EmbedSpec, detector_name: str, detector_weights: str | None, device: str, batch_size: int,
-    min_score: float,
+    min_score: float, detector_options: dict[str, Any] | None = None,
 ) -> Queries:
     """Every face of one photo (score >= ``min_score``), detected, aligned and embedded as ``embed --detect
     --keep all`` does."""
@@ -84,7 +87,8 @@ def _embed_image(
     from facepipe.pipeline.sources import FileSource
 
     source = FileSource([path], path.parent, str(path))
-    detect = DetectSpec(detector=detector_name, detector_weights=detector_weights, keep="all", min_score=min_score)
+    detect = DetectSpec(detector=detector_name, detector_weights=detector_weights, detector_options=dict(detector_options or {}),
+                        keep="all", min_score=min_score)
     rows = FaceEmbedder(source, detect, spec, device=device, batch_size=batch_size)(source.items())
     status = rows.column("status").to_pylist()
     if status == ["error"]:
