@@ -143,10 +143,9 @@ class OnnxRuntimeBackend:
         if precision != "fp32":  # bf16 on OpenVINO where the CPU has it (facepipe.runtime); same run() call
             from facepipe.runtime.sessions import reduced_precision_session
 
-            data = model if isinstance(model, bytes) else Path(model).read_bytes()
-            session, self.precision = reduced_precision_session(
-                data, precision, model_name, options.intra_op_num_threads, device, kind="detector"
-            )
+            data = model if isinstance(model, bytes) else load_onnx_model_checked(model).SerializeToString()
+            threads = intra_op_threads or torch.get_num_threads()
+            session, self.precision = reduced_precision_session(data, precision, model_name, threads, device, kind="detector")
             if session is not None:
                 self.session = session
                 self.name = f"openvino-cpu-{self.precision}"
