@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
+
+from facepipe.runtime.cpu import cpu_summary
 
 
 def precision_recall(flagged: set, truth: set) -> tuple[float, float, int, int]:
@@ -67,7 +68,7 @@ def main() -> None:
         "near-duplicates (copies)": ("near_duplicates", ["path_a", "path_b"], {frozenset(p) for p in truth["copies"]}),
         "overlap (identities)": ("overlap", ["identity"], set(truth["overlap"])),
     }
-    print(f"CPU: {platform.processor() or platform.machine()}; {result.summary['images']} images, {result.summary['identities']} identities")
+    print(f"CPU: {cpu_summary()}; {result.summary['images']} images, {result.summary['identities']} identities")
     print(f"thresholds: {json.dumps({k: round(v, 4) for k, v in result.thresholds.to_dict().items() if k != 'how'})}")
     print("| kind | precision (raw) | precision (injected) | recall | flagged | CFP's own | injected |")
     print("|---|---|---|---|---|---|---|")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -26,18 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from facepipe.runtime.cpu import cpu_summary
+
 DIM = 512
 SHARD = 500_000
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def write_synthetic(folder: Path, n_images: int, seed: int = 0) -> dict:
@@ -136,7 +128,7 @@ def main() -> None:
     if args.child is not None:
         child(args.child)
         return
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores")
+    print(f"CPU: {cpu_summary()}, {os.cpu_count()} cores")
     print("| images | identities | audit time (s) | of which load (s) | peak RSS (GB) | flagged noise / split / copies (true) | image-image search, recall |")
     print("|---|---|---|---|---|---|---|")
     for size in (int(s) for s in args.sizes.split(",")):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import platform
 import statistics
 import sys
 import time
@@ -41,6 +40,7 @@ from facepipe.detection.backends import onnxruntime_session
 from facepipe.detection.retinaface import RetinaFaceDetector, RetinaFaceSettings, create_retinaface_mnet
 from facepipe.detection.scrfd import create_scrfd
 from facepipe.models.retinaface import retinaface_mnet025
+from facepipe.runtime.cpu import cpu_summary
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ASSETS = REPO_ROOT.parent / "shared" / "assets"
@@ -80,15 +80,6 @@ def detectors(threads: int, tiny_onnx: Path) -> dict[str, RetinaFaceDetector]:
         ),
     }
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _insightface_reference():
@@ -136,7 +127,7 @@ def scrfd_rows(args: argparse.Namespace, images: dict[str, np.ndarray]) -> None:
             throughput.append((threads, len(wider_images) / reference_s, len(wider_images) / ours_s, _max_difference(got, expected)))
 
     print(f"\nSCRFD {Path(args.scrfd_weights).name}, full detect() per image (letterbox 640x640, threshold 0.5), "
-          f"median of {args.runs} runs; CPU: {cpu_model()}")
+          f"median of {args.runs} runs; CPU: {cpu_summary()}")
     print("| image | threads | insightface 0.7.3 ms | facepipe ms | speed-up | faces | max difference |")
     print("|---|---|---|---|---|---|---|")
     for size_name, threads, theirs_ms, ours_ms, faces, difference in rows:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ from facepipe.detection.mtcnn import (
     square,
 )
 from facepipe.models.mtcnn import normalize_rgb
+from facepipe.runtime.cpu import cpu_summary
 
 ASSETS = Path(os.environ.get("FACEPIPE_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "assets"
 Result = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -135,15 +135,6 @@ def max_difference(a: Result, b: Result) -> str:
     return f"max |diff| box {np.abs(a[0] - b[0]).max(initial=0):.1e} px, prob {np.abs(a[1] - b[1]).max(initial=0):.1e}"
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def padded_cfp(count: int, pad: float = 0.25) -> list[np.ndarray]:
     files = sorted((ASSETS / "cfp" / "cfp-dataset" / "Data" / "Images").glob("*/frontal/01.jpg"))[:count]
@@ -191,7 +182,7 @@ def main() -> None:
                         help="instead of --image: the first N CFP frontal images with eval cfp's black border (0.25), "
                              "the workload of `facepipe eval compare-detectors`; one image per call")
     args = parser.parse_args()
-    print(f"CPU: {cpu_name()}")
+    print(f"CPU: {cpu_summary()}")
     if args.cfp:
         bench_cfp(args)
         return

@@ -26,7 +26,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import sys
 from pathlib import Path
@@ -41,20 +40,12 @@ from facepipe.index.thresholds import THRESHOLDS_FILE, all_impostor_scores, thre
 from facepipe.io.atomic import atomic_write_text
 from facepipe.io.images import read_image
 from facepipe.models.checkpoint import cache_dir
+from facepipe.runtime.cpu import cpu_summary
 
 FARS = (1e-3, 1e-4)
 PAD = 0.25  # eval cfp's default border
 MIN_SCORE = 0.5
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -106,7 +97,7 @@ def main() -> None:
             "pipeline": f"{args.detector}, pad {PAD}, min score {MIN_SCORE}, ArcFace 112 alignment, flip-sum, L2",
             "command": " ".join(["python", "eval/calibrate_thresholds.py", *map(shlex.quote, sys.argv[1:])]),
             "date": datetime.date.today().isoformat(),
-            "cpu": cpu_name(),
+            "cpu": cpu_summary(),
         },
     }
     table = json.loads(args.out.read_text()) if args.out.is_file() else {}
