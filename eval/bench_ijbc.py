@@ -16,6 +16,11 @@ Each implementation runs in its own child process so that its peak resident memo
   output); scoring is always complete.
 
     python eval/bench_ijbc.py [--config N1D1F1] [--loop-templates 23124] [--workdir /tmp/ijbc_bench] [--keep]
+    python eval/bench_ijbc.py --protocol 1n     # 1:N: galleries G1 / G2 (the 3,531 gallery subjects split in
+                                                # two), all 19,593 probe templates searched in each (goal <= 30 s, <= 4 GB)
+
+For ``--protocol 1n`` only facepipe runs (pooling from the cache, search, CMC and TPIR@FPIR, in a child process);
+its figures are checked against a plain loop over the first 500 probes of each gallery.
 
 The machine is shared: figures are noisy; the ratio comes from the same run.
 """
@@ -85,6 +90,8 @@ def make_structure(rng: np.random.Generator) -> dict[str, np.ndarray]:
     labels = np.r_[np.ones(NUM_GENUINE, np.int8), np.zeros(need, np.int8)]
     order = rng.permutation(NUM_PAIRS)
     return {
+        "template_ids": template_ids,
+        "subject_of_template": subject_of_template,
         "templates": template_ids[template_of_image],
         "medias": media_ids,
         "subject_of_image": subject_of_template[template_of_image],
@@ -186,6 +193,46 @@ def run_loop(work: Path, config: ijbc.ScoreConfig, loop_templates: int) -> dict:
     return {"times": times, "tars": tars, "looped_templates": looped}
 
 
+def template_sets(work: Path) -> tuple[list, object]:
+    """IJB-C's 1:N design on the synthetic set: gallery subjects split alternately into G1 and G2 (one template
+    each), every probe template searched in both (mated in one, non-mated in the other)."""
+    from facepipe.evaluation.ijbc_1n import TemplateSet
+
+    ids, subjects = np.load(work / "template_ids.npy"), np.load(work / "subject_of_template.npy")
+    gallery = np.arange(NUM_SUBJECTS)
+    galleries = [TemplateSet(name, ids[gallery[part::2]], subjects[gallery[part::2]]) for part, name in ((0, "G1"), (1, "G2"))]
+    return galleries, TemplateSet("probe", ids[NUM_SUBJECTS:], subjects[NUM_SUBJECTS:])
+
+
+def run_ours_1n(work: Path, config: ijbc.ScoreConfig) -> dict:
+    from facepipe.evaluation import ijbc_1n
+
+    data = {k: np.load(work / f"{k}.npy") for k in ("templates", "medias")}
+    cache = open_cache(work)
+    galleries, probes = template_sets(work)
+    t0 = time.perf_counter()
+    pooling = ijbc.TemplatePooling.build(data["templates"], data["medias"])
+    feats = ijbc.pool_templates(pooling, ((s, f, sc) for s, f, sc, _ in cache.iter_shards()), [config])[config]
+    pooled = time.perf_counter() - t0
+    results = ijbc_1n.evaluate_identification(feats, pooling, galleries, probes, f"facepipe {config.code}")
+    total = time.perf_counter() - t0
+    check = {}
+    for gallery in galleries:  # a plain loop over the first probes: the same ranks
+        g = feats[pooling.template_rows(gallery.templates)]
+        p = feats[pooling.template_rows(probes.templates[:500])]
+        ranks = []
+        for row, subject in zip(p, probes.subjects[:500]):
+            if subject not in gallery.subjects:
+                continue
+            sims = g @ row
+            mate = sims[gallery.subjects == subject].max()
+            ranks.append(1 + int(np.sum((sims >= mate) & (gallery.subjects != subject))))
+        fast = ijbc_1n.search(p, probes.subjects[:500], g, gallery.subjects)
+        check[gallery.name] = bool(np.array_equal(np.array(ranks), fast.rank[fast.mated]))
+    return {"times": {"pool": pooled, "search": total - pooled, "total": total},
+            "results": [r.to_json() for r in results], "loop_agrees": check}
+
+
 def open_cache(work: Path) -> FeatureCache:
     stored = json.loads((work / "cache" / "manifest.json").read_text())
     return FeatureCache(work / "cache", stored["key"], stored["num_images"])
@@ -193,7 +240,8 @@ def open_cache(work: Path) -> FeatureCache:
 
 def child_main(role: str, work: Path, config: str, loop_templates: int) -> None:
     parsed = ijbc.ScoreConfig.parse(config)
-    result = run_ours(work, parsed) if role == "ours" else run_loop(work, parsed, loop_templates)
+    runs = {"ours": run_ours, "ours_1n": run_ours_1n}
+    result = runs[role](work, parsed) if role in runs else run_loop(work, parsed, loop_templates)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     result["peak_rss_mb"] = usage.ru_maxrss / 1024
     result["cpu_s"] = usage.ru_utime + usage.ru_stime  # whole child incl. start-up: meaningful on a loaded machine
@@ -215,7 +263,8 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="where the 1.9 GB synthetic cache goes (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (re-used when it holds a complete cache)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--child", choices=["ours", "loop"], help=argparse.SUPPRESS)
+    parser.add_argument("--protocol", choices=["11", "1n"], default="11", help="1:1 verification or 1:N identification")
+    parser.add_argument("--child", choices=["ours", "loop", "ours_1n"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child_main(args.child, Path(args.workdir), args.config, args.loop_templates)
@@ -224,7 +273,7 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ijbc_bench_"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        if not (work / "labels.npy").is_file() or not open_cache(work).complete:
+        if not (work / "template_ids.npy").is_file() or not open_cache(work).complete:
             t0 = time.perf_counter()
             structure = make_structure(np.random.default_rng(args.seed))
             cache = FeatureCache(work / "cache", {"synthetic": "ijbc-size", "seed": args.seed}, NUM_IMAGES, SHARD)
@@ -236,6 +285,18 @@ def main() -> None:
         sizes = json.loads((work / "cache" / "manifest.json").read_text())["num_images"]
         print(f"images {sizes:,}  templates {len(np.unique(np.load(work / 'templates.npy'))):,}  pairs {len(labels):,}  genuine {int(labels.sum()):,}  dim {DIM}  config {args.config}")
 
+        if args.protocol == "1n":
+            result = run_child("ours_1n", work, args)
+            t = result["times"]
+            print(f"1:N  G1 {NUM_SUBJECTS - NUM_SUBJECTS // 2:,} + G2 {NUM_SUBJECTS // 2:,} gallery templates, "
+                  f"{NUM_TEMPLATES - NUM_SUBJECTS:,} probe templates searched in each")
+            print(f"facepipe pool {t['pool']:6.1f} s  search + CMC + TPIR {t['search']:6.1f} s  total {t['total']:6.1f} s"
+                  f"  (process CPU {result['cpu_s']:6.1f} s)  peak RSS {result['peak_rss_mb']:7.0f} MB")
+            print(f"plain loop over the first 500 probes gives the same ranks: {result['loop_agrees']}")
+            for row in result["results"]:
+                print(f"  {row['name']:<22} rank-1 {row['CMC']['rank1'] * 100:6.2f}  TPIR@FPIR=0.01 "
+                      f"{row['TPIR@FPIR']['0.01'] * 100:6.2f}  @0.1 {row['TPIR@FPIR']['0.1'] * 100:6.2f}")
+            return
         ours = run_child("ours", work, args)
         loop = run_child("loop", work, args)
         note = "" if loop["looped_templates"] == NUM_TEMPLATES else f"  (loop pooled {loop['looped_templates']} templates, pooling time extrapolated linearly)"

@@ -38,6 +38,7 @@ from facepipe.embedding.store import (
 from facepipe.faces import KEEP_MODES, choose_faces, detect_padded
 from facepipe.io.images import ImageDecodeError, decode_image_bounded
 from facepipe.pipeline.sources import Item, Source, open_source
+from facepipe.quality import inter_ocular_distance, landmark_yaw
 from facepipe.types import Face
 
 
@@ -177,7 +178,7 @@ class FaceEmbedder:
 
     def _rows(self, rows: list[tuple[str, Face | None, str, str]], crops: list[np.ndarray]) -> pa.Table:
         good = [i for i, (_, face, _, _) in enumerate(rows) if face is not None]
-        embeddings, norms = embed_crops(self.embedder, self.spec, crops, len(rows), good)
+        embeddings, norms, sharpness = embed_crops(self.embedder, self.spec, crops, len(rows), good)
         face_number: dict[str, int] = {}
         paths = []
         for key, face, _, _ in rows:
@@ -187,10 +188,18 @@ class FaceEmbedder:
             "source": [key for key, _, _, _ in rows],
             "box": [None if face is None else [float(v) for v in face.box] for _, face, _, _ in rows],
             "landmarks": [None if face is None else np.asarray(face.landmarks, np.float64).tolist() for _, face, _, _ in rows],
+            **_landmark_quality([face for _, face, _, _ in rows]),
         }
         scores = [float("nan") if face is None else float(face.score) for _, face, _, _ in rows]
-        batch = EmbeddedBatch(embeddings, norms, [r[2] for r in rows], [r[3] for r in rows])
+        batch = EmbeddedBatch(embeddings, norms, [r[2] for r in rows], [r[3] for r in rows], sharpness)
         return results_table(paths, batch, self.spec.dtype, det_scores=scores, detection=detection)
+
+
+def _landmark_quality(faces: Sequence[Face | None]) -> dict[str, list[float]]:
+    """``inter_ocular`` and ``yaw`` (facepipe.quality) of each face; NaN where there is none."""
+    landmarks = np.stack([np.full((5, 2), np.nan) if f is None else np.asarray(f.landmarks, np.float64).reshape(5, 2) for f in faces]) \
+        if faces else np.zeros((0, 5, 2))
+    return {"inter_ocular": inter_ocular_distance(landmarks).tolist(), "yaw": landmark_yaw(landmarks).tolist()}
 
 
 def embed_photos_job(

@@ -47,6 +47,7 @@ from facepipe.io.images import ImageDecodeError, decode_image
 from facepipe.io.recordio import RecordIOError
 from facepipe.io.run_state import RunState, RunStateError, write_table_atomic
 from facepipe.pipeline.sources import FileSource, Item, RecordIOSource, Source, identity_of
+from facepipe.quality import laplacian_sharpness
 
 __all__ = [
     "MANIFEST_NAME", "MANIFEST_SCHEMA", "RUN_FILE", "CropEmbedder", "EmbedJob", "EmbedSpec", "EmbedSummary",
@@ -72,6 +73,7 @@ MANIFEST_FIELDS = [
     pa.field("identity", pa.string()),  # pipeline.sources.identity_of(path): the whole parent path ("" at top level)
     pa.field("norm", pa.float32()),  # L2 norm of the raw (flip-summed) embedding: a quality signal
     pa.field("det_score", pa.float32()),  # detector score (align manifest, or --detect); NaN when unknown
+    pa.field("sharpness", pa.float32()),  # facepipe.quality: variance of the Laplacian of the crop; NaN without one
     pa.field("status", pa.string()),  # ok | no_face | error
     pa.field("reason", pa.string()),
 ]
@@ -79,6 +81,8 @@ DETECTION_FIELDS = [  # --detect: where the face came from (original image pixel
     pa.field("source", pa.string()),  # the photo's key; one row per kept face (--keep all: several)
     pa.field("box", pa.list_(pa.float32(), 4)),  # x1, y1, x2, y2
     pa.field("landmarks", pa.list_(pa.list_(pa.float32(), 2), 5)),  # (5, 2) in image order
+    pa.field("inter_ocular", pa.float32()),  # facepipe.quality: eye distance in original pixels
+    pa.field("yaw", pa.float32()),  # facepipe.quality: signed yaw estimate from the landmarks, degrees
 ]
 MANIFEST_SCHEMA = pa.schema(MANIFEST_FIELDS)
 DETECTION_MANIFEST_SCHEMA = pa.schema(MANIFEST_FIELDS + DETECTION_FIELDS)
@@ -121,6 +125,7 @@ class EmbeddedBatch:
     norms: np.ndarray  # (N,) float32 raw norms
     status: list[str]
     reason: list[str]
+    sharpness: np.ndarray | None = None  # (N,) facepipe.quality.laplacian_sharpness of each crop; NaN without one
 
 
 def build_embedder(spec: EmbedSpec, device: str, batch_size: int, threads: int | None) -> Embedder:
@@ -131,15 +136,19 @@ def build_embedder(spec: EmbedSpec, device: str, batch_size: int, threads: int |
     return create_embedder(spec.model, weights=spec.weights, device=device, **options)
 
 
-def embed_crops(embedder: Embedder, spec: EmbedSpec, crops: Sequence[np.ndarray], count: int, good: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """``(count, D)`` stored vectors (zero where no crop) and raw norms, from the crops at positions ``good``:
-    the one place the spec's flip, normalisation and dtype are applied."""
+def embed_crops(
+    embedder: Embedder, spec: EmbedSpec, crops: Sequence[np.ndarray], count: int, good: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(count, D)`` stored vectors (zero where no crop), raw norms and crop sharpness (NaN where no crop), from
+    the crops at positions ``good``: the one place the spec's flip, normalisation and dtype are applied."""
     raw = np.zeros((count, int(embedder.embedding_size)), dtype=np.float32)
+    sharpness = np.full(count, np.nan, dtype=np.float32)
     if len(good):
         raw[list(good)] = embedder.embed(np.stack(crops), flip=spec.flip)
+        sharpness[list(good)] = laplacian_sharpness(crops)
     norms = np.linalg.norm(raw, axis=1).astype(np.float32)
     out = l2_normalize(raw) if spec.normalize else raw
-    return out.astype(spec.dtype), norms
+    return out.astype(spec.dtype), norms, sharpness
 
 
 class CropEmbedder:
@@ -201,8 +210,8 @@ class CropEmbedder:
             good.append(i)
             status.append("ok")
             reason.append("")
-        embeddings, norms = embed_crops(self.embedder, self.spec, crops, len(items), good)
-        return EmbeddedBatch(embeddings, norms, status, reason)
+        embeddings, norms, sharpness = embed_crops(self.embedder, self.spec, crops, len(items), good)
+        return EmbeddedBatch(embeddings, norms, status, reason, sharpness)
 
     def embed_paths(self, rel_paths: Sequence[str]) -> EmbeddedBatch:
         """Crops of a folder source by relative path (query folders)."""
@@ -230,6 +239,7 @@ def results_table(
         "embedding": embedding_column(batch.embeddings.reshape(n, -1), dtype),
         "norm": batch.norms.astype(np.float32),
         "det_score": [float("nan")] * n if det_scores is None else list(det_scores),
+        "sharpness": np.full(n, np.nan, np.float32) if batch.sharpness is None else batch.sharpness.astype(np.float32),
         "status": list(batch.status),
         "reason": list(batch.reason),
         **(detection or {}),
@@ -343,6 +353,7 @@ def shard_rows(
             "identity": [identity_of(p) for p in rel_paths],
             "norm": batch.norms.tolist(),
             "det_score": [det_scores.get(p, float("nan")) for p in rel_paths],
+            "sharpness": [float("nan")] * n if batch.sharpness is None else batch.sharpness.tolist(),
             "status": batch.status,
             "reason": batch.reason,
         },

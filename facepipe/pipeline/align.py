@@ -50,6 +50,7 @@ from facepipe.pipeline.manifest import (
 )
 from facepipe.pipeline.sinks import SINK_KINDS, CommittedCrop, OutputNames, create_sink, identity_labels, output_folders
 from facepipe.pipeline.sources import FileSource, Item, Source
+from facepipe.quality import inter_ocular_distance, landmark_yaw, laplacian_sharpness
 from facepipe.types import Face
 
 __all__ = [
@@ -334,11 +335,15 @@ class AlignWorker:
         crops = warp_crops(decoded.image, matrices[finite], cfg.size)
         row.status = "ok"
         sx, sy = decoded.scale
-        for face in faces:
-            original = face.scaled(sx, sy)
+        originals = [face.scaled(sx, sy) for face in faces]
+        landmarks = np.stack([np.asarray(face.landmarks, np.float64).reshape(5, 2) for face in originals])
+        for face, original in zip(faces, originals):
             row.boxes.append([float(v) for v in original.box])
             row.scores.append(float(face.score))
             row.landmarks.append(np.asarray(original.landmarks, np.float64).reshape(5, 2).tolist())
+        row.inter_ocular = inter_ocular_distance(landmarks).tolist()
+        row.yaw = landmark_yaw(landmarks).tolist()
+        row.sharpness = laplacian_sharpness(crops).tolist()
         return [encode_crop(crop, cfg.image_format, cfg.jpeg_quality) for crop in crops]
 
     def _process_batch(self, items: Sequence[Item]) -> list[ItemResult]:
@@ -574,6 +579,7 @@ class AlignJob:
                 result.row.status, result.crops = "error", []
                 result.row.reason = "its output folder would replace a crop of an earlier run (rename the folder, or --overwrite)"
                 result.row.boxes, result.row.scores, result.row.landmarks = [], [], []
+                result.row.inter_ocular, result.row.yaw, result.row.sharpness = [], [], []
             names = self.names.names(stem, len(result.crops)) if result.crops else []
             result.row.outputs = names
             entries.extend((item, name, data) for name, data in zip(names, result.crops))

@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 STATUSES = ("ok", "no_face", "error")
-MANIFEST_VERSION = 2  # 2: landmarks as (5, 2) pairs, names escaped, input list no longer a setting
+MANIFEST_VERSION = 3  # 2: landmarks as (5, 2) pairs, names escaped, input list no longer a setting; 3: quality columns
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -63,6 +63,10 @@ MANIFEST_SCHEMA = pa.schema(
         ("landmarks", pa.list_(pa.list_(pa.list_(pa.float32(), 2), 5))),
         ("padded_retry", pa.bool_()),
         ("decode_scale", pa.float32()),
+        # per crop, facepipe.quality's measures: eye distance (original pixels), signed yaw (degrees), sharpness
+        ("inter_ocular", pa.list_(pa.float32())),
+        ("yaw", pa.list_(pa.float32())),
+        ("sharpness", pa.list_(pa.float32())),
     ]
 )
 _NAME_COLUMNS = ("key", "source")
@@ -86,6 +90,9 @@ class ManifestRow:
     landmarks: list[list[list[float]]] = field(default_factory=list)  # per crop: 5 x [x, y]
     padded_retry: bool = False
     decode_scale: float = 1.0
+    inter_ocular: list[float] = field(default_factory=list)
+    yaw: list[float] = field(default_factory=list)
+    sharpness: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
