@@ -70,6 +70,7 @@ def main() -> None:
             "MTCNN vs RetinaFace alignment table (RetinaFace paper, Table 4).",
         ),
         "ijbc": ("facepipe.commands.eval_ijbc:ijbc", "IJB-C / IJB-B 1:1 TAR@FAR with templates."),
+        "identify": ("facepipe.commands.eval_identify:identify", "1:N identification (CMC, TPIR@FPIR) on embedding folders."),
         "quality": ("facepipe.commands.eval_quality:quality", "Error-versus-reject curves of face quality measures."),
     },
     name="eval",
