@@ -45,7 +45,7 @@ import numpy as np
 from facepipe.audit.neighbours import Neighbours, nearest
 
 MAD_SCALE = 1.4826  # MAD of a normal distribution × this = its standard deviation
-BLOCK = 262_144
+BLOCK = 65_536  # rows per streamed block: float64 temporaries of ~270 MB at 512-d
 
 
 @dataclass

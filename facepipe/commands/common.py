@@ -64,7 +64,8 @@ model_option = click.option(
 )
 pack_option = click.option(
     "--pack", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
-    help="insightface model-pack folder (buffalo_l, buffalo_s, antelopev2, ...): its SCRFD graph is the detector.",
+    help="insightface model-pack folder (buffalo_l, buffalo_s, antelopev2, ...): its SCRFD graph is the detector and, where "
+    "the command embeds, its 112x112 recognition graph the model (--model onnx).",
 )
 weights_option = click.option(
     "--weights", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -117,6 +118,25 @@ def apply_pack(pack: Path | None, detector: str, weights: str | None) -> tuple[s
     for model in found.ignored:
         click.echo(f"model pack: ignoring {model.path.name} ({model.description})", err=True)
     return "scrfd", weights
+
+
+def apply_pack_models(
+    pack: Path | None, detector: str, detector_weights: str | None, model: str, weights: str | None
+) -> tuple[str, str | None, str, str | None]:
+    """(detector, detector weights, model, weights) with ``--pack``: the pack's SCRFD detector and its 112x112
+    recognition model (``--model onnx``), as insightface's ``FaceAnalysis`` would run them."""
+    if pack is None:
+        return detector, detector_weights, model, weights
+    from facepipe.models.insightface_pack import load_pack
+
+    if weights is not None:
+        raise click.UsageError("give --pack or --weights, not both")
+    detector, detector_weights = apply_pack(pack, detector, detector_weights)
+    try:
+        recognition = load_pack(pack).require("recognition")
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    return detector, detector_weights, "onnx", str(recognition)
 
 
 _DEVICE_PATTERN = re.compile(r"cpu|mps|cuda(:\d+)?")

@@ -8,11 +8,13 @@ from pathlib import Path
 import click
 
 from facepipe.commands.common import (
+    apply_pack_models,
     detector_option,
     detector_weights_option,
     device_option,
     min_score_option,
     model_option,
+    pack_option,
     precision_option,
     resolve_device,
     set_threads,
@@ -29,6 +31,7 @@ from facepipe.engine.cli_options import engine_option, engine_options, num_gpus_
               help="Embedding folder: shards/emb-NNNNNN.npy, manifest.parquet, run.json.")
 @model_option
 @weights_option
+@pack_option
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Add the embedding of the mirrored crop.")
 @click.option("--normalize/--raw", "normalize", default=True, show_default=True,
               help="Store L2-normalised vectors (the raw norm is kept in the manifest either way) or raw ones.")
@@ -68,7 +71,7 @@ from facepipe.engine.cli_options import engine_option, engine_options, num_gpus_
 @click.option("--actors", type=click.IntRange(min=1), default=None,
               help="--engine ray: model actors [default: one per GPU share, or per CPU but one].")
 def embed(
-    input_path: Path, out_dir: Path, model: str, weights: str | None, flip: bool, normalize: bool, dtype: str,
+    input_path: Path, out_dir: Path, model: str, weights: str | None, pack: Path | None, flip: bool, normalize: bool, dtype: str,
     batch_size: int | None, shard_size: int, backend: str, fp16: bool, onnx_preset: str | None,
     input_format: str | None, mean: float | None, std: float | None, detect: bool, detector: str,
     detector_weights: str | None, detector_options: tuple[str, ...], keep: str, min_score: float, pad_ratio: float,
@@ -105,6 +108,11 @@ def embed(
         ("--pad-ratio", pad_ratio != 0.0)) if given]
     if detection_given and not detect:
         raise click.UsageError(f"{', '.join(detection_given)} only apply with --detect")
+    if pack is not None:  # the pack's recognition model; with --detect also its SCRFD detector
+        if detect:
+            detector, detector_weights, model, weights = apply_pack_models(pack, detector, detector_weights, model, weights)
+        else:
+            _, _, model, weights = apply_pack_models(pack, "scrfd", None, model, weights)
     if not detect and not (input_path.is_dir() or input_path.suffix == ".rec"):
         raise click.UsageError(f"{input_path}: expected a folder of crops or a train.rec (raw photos: add --detect)")
     onnx_options = {"preset": onnx_preset, "input_format": input_format, "mean": mean, "std": std}

@@ -19,11 +19,13 @@ from typing import Any, Iterator, Sequence
 import click
 
 from facepipe.commands.common import (
+    apply_pack_models,
     detector_option,
     detector_weights_option,
     device_option,
     min_score_option,
     model_option,
+    pack_option,
     precision_option,
     resolve_device,
     set_threads,
@@ -225,7 +227,7 @@ splits_option = click.option(
 raw_protocol_options = [
     detector_option, detector_weights_option, model_option, weights_option, device_option, threads_option,
     batch_size_option, splits_option, limit_option, min_score_option, pad_option, *cache_options, out_option,
-    roc_option, precision_option,
+    roc_option, precision_option, pack_option,
 ]
 
 
@@ -236,10 +238,11 @@ raw_protocol_options = [
               show_default=True, help="Which protocol(s); repeatable.")
 @_apply(raw_protocol_options)
 def cfp(root, protocols, detector, detector_weights, model, weights, device, threads, batch_size, splits, limit,
-        min_score, pad, cache_dir, no_cache, out, roc, precision="fp32") -> None:
+        min_score, pad, cache_dir, no_cache, out, roc, precision="fp32", pack=None) -> None:
     """CFP-FF / CFP-FP from the raw images: detect, align, embed, 10-fold on the official splits."""
     from facepipe.evaluation.verification_runs import cfp_pair_lists
 
+    detector, detector_weights, model, weights = apply_pack_models(pack, detector, detector_weights, model, weights)
     set_threads(threads)
     with _clear_errors():
         pair_lists = cfp_pair_lists(root, protocols, _parse_int_list(splits, "--splits"), limit)
@@ -255,10 +258,11 @@ def cfp(root, protocols, detector, detector_weights, model, weights, device, thr
               help="The protocol file (pairs.txt).")
 @_apply(raw_protocol_options)
 def lfw(root, pairs_file, detector, detector_weights, model, weights, device, threads, batch_size, splits, limit,
-        min_score, pad, cache_dir, no_cache, out, roc, precision="fp32") -> None:
+        min_score, pad, cache_dir, no_cache, out, roc, precision="fp32", pack=None) -> None:
     """LFW from the raw images and pairs.txt: detect, align, embed, 10-fold on the official sets."""
     from facepipe.evaluation.verification_runs import lfw_pair_list
 
+    detector, detector_weights, model, weights = apply_pack_models(pack, detector, detector_weights, model, weights)
     set_threads(threads)
     with _clear_errors():
         pairs = lfw_pair_list(root, pairs_file, _parse_int_list(splits, "--splits"), limit)

@@ -92,3 +92,30 @@ def test_bad_packs_say_what_they_hold(tmp_path, pack, scrfd_file):
         create_detector("mtcnn", pack=str(empty))
     with pytest.raises(ValueError, match="provides the ONNX embedder"):
         create_embedder("mobilefacenet", pack=str(empty))
+
+
+def test_embed_with_a_pack_uses_its_detector_and_recognition_model(tmp_path, pack, recognition_file):
+    """`embed --detect --pack` = SCRFD detection + the pack's recognition ONNX, as FaceAnalysis would run them."""
+    import pandas as pd
+    from click.testing import CliRunner
+
+    from facepipe.cli import main
+
+    photos = tmp_path / "photos" / "001"
+    photos.mkdir(parents=True)
+    for index in (1, 2):
+        source = shared_path("cfp", "cfp-dataset", "Data", "Images", "001", "frontal", f"{index:02d}.jpg")
+        (photos / f"{index:02d}.jpg").write_bytes(source.read_bytes())
+    result = CliRunner().invoke(main, ["embed", str(tmp_path / "photos"), "--detect", "--pack", str(pack), "--pad-ratio",
+                                       "0.25", "--out", str(tmp_path / "emb"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "ignoring 2d106det.onnx" in result.output
+    run = pd.read_json(tmp_path / "emb" / "run.json", typ="series")
+    from pathlib import Path
+
+    assert run["model"] == "onnx" and Path(run["weights"]).resolve() == Path(recognition_file).resolve()  # by graph
+    table = pd.read_parquet(tmp_path / "emb" / "manifest.parquet")
+    assert (table["status"] == "ok").all() and len(table) == 2 and (table["det_score"] > 0.5).all()
+    result = CliRunner().invoke(main, ["embed", str(tmp_path / "photos"), "--detect", "--pack", str(pack),
+                                       "--weights", str(recognition_file), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "--pack or --weights" in result.output
