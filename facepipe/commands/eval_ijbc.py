@@ -7,7 +7,15 @@ from typing import Any
 
 import click
 
-from facepipe.commands.common import device_option, model_option, resolve_device, set_threads, threads_option, weights_option
+from facepipe.commands.common import (
+    device_option,
+    model_option,
+    precision_option,
+    resolve_device,
+    set_threads,
+    threads_option,
+    weights_option,
+)
 from facepipe.detection.base import DETECTOR_NAMES
 from facepipe.engine.cli_options import engine_option, engine_options, num_gpus_option, ray_address_option
 from facepipe.engine.local import run_job
@@ -50,12 +58,13 @@ DETECTOR_CHOICES = ("given",) + DETECTOR_NAMES
 @num_gpus_option
 @device_option
 @threads_option
+@precision_option
 def ijbc(
     root: Path, target: str, protocol: str, output_dir: Path, model: str, weights: str | None, detectors: tuple[str, ...], detector_weights: str | None,
     detector_pad: float,
     flip: bool, norm_score: bool, detector_score: bool, configs: str | None, name: str | None, batch_size: int, shard_size: int,
     cache_dir: Path | None, engine: str, device: str, threads: int | None,
-    ray_address: str | None = None, num_gpus: float | None = None,
+    ray_address: str | None = None, num_gpus: float | None = None, precision: str = "fp32",
 ) -> None:
     """IJB-C / IJB-B 1:1 verification (or, with --protocol 1n, 1:N identification) of ROOT (holding loose_crop/
     and meta/).
@@ -90,6 +99,7 @@ def ijbc(
         extractor = FeatureExtractor(
             model=model, weights=weights, detector=None if detector == "given" else detector,
             detector_weights=None if detector == "given" else detector_weights, device=device, detector_pad=detector_pad,
+            precision=precision,
         )
         key = extractor.cache_key(layout)
         directory = cache_root / f"{target}_{model}_{detector}_{digest_json(key)[:10]}"

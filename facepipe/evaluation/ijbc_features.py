@@ -211,13 +211,15 @@ class FeatureExtractor:
     device: str = "cpu"
     crop_size: int = 112
     detector_pad: float = 0.2  # black border, fraction of the longer side, around each crop before detection
+    precision: str = "fp32"  # the embedder's (facepipe.runtime); part of the cache key
     _models: tuple[Any, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     def models(self) -> tuple[Any, Any]:
         if self._models is None:
             from facepipe.embedding.base import create_embedder
 
-            embedder = create_embedder(self.model, weights=self.weights, device=self.device)
+            options = {} if self.precision == "fp32" else {"precision": self.precision}
+            embedder = create_embedder(self.model, weights=self.weights, device=self.device, **options)
             detector = None
             if self.detector is not None:
                 from facepipe.detection.base import create_detector
@@ -249,7 +251,7 @@ class FeatureExtractor:
             "num_images": layout.num_images,
             "images": digest_strings(str(name) for name in layout.image_names),
             "landmarks": digest_strings([np.ascontiguousarray(layout.landmarks, "<f4").tobytes().hex(), np.ascontiguousarray(layout.faceness, "<f4").tobytes().hex()]),
-            "model": self.model,
+            "model": self.model if self.precision == "fp32" else f"{self.model}@{self.precision}",
             "weights": weights_fingerprint(self.weights),
             "detector": detector,
             "detector_weights": None if self.detector is None else weights_fingerprint(self.detector_weights),

@@ -102,6 +102,8 @@ def test_cache_key_follows_content(tmp_path):
     first = FeatureExtractor(weights=str(weights)).cache_key(layout)["weights"]
     weights.write_bytes(b"two")  # same path, new content
     assert FeatureExtractor(weights=str(weights)).cache_key(layout)["weights"] != first
+    reduced = FeatureExtractor(model="mobilefacenet", precision="bf16").cache_key(layout)
+    assert reduced["model"] == "mobilefacenet@bf16" and reduced != key  # bf16 features never mix with fp32 ones
 
 
 def test_a_cache_in_use_is_refused_with_its_holder(tmp_path):
