@@ -29,6 +29,8 @@ from facepipe.commands.common import (
 @click.option("--protocol", type=click.Choice(["FF", "FP"]), default="FP", show_default=True, help="CFP protocol.")
 @click.option("--lfw", "lfw_root", type=click.Path(file_okay=False, exists=True), default=None, help="LFW image folder.")
 @click.option("--lfw-pairs", type=click.Path(dir_okay=False, exists=True), default=None, help="LFW pairs.txt.")
+@click.option("--bin", "bin_file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="An insightface .bin (lfw, cfp_fp, agedb_30): its crops re-aligned as compare-detectors does.")
 @detector_option
 @detector_weights_option
 @model_option
@@ -49,42 +51,49 @@ from facepipe.commands.common import (
 @click.option("--no-cache", is_flag=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder for evrc.json and evrc.png.")
-def quality(cfp_root, protocol, lfw_root, lfw_pairs, detector, detector_weights, model, weights, device, threads,
+def quality(cfp_root, protocol, lfw_root, lfw_pairs, bin_file, detector, detector_weights, model, weights, device, threads,
             batch_size, pad, min_score, fmr, max_reject, splits, limit, cache_dir, no_cache, out_dir) -> None:
     """Error-versus-reject curves (ISO/IEC 29794-1) of every quality measure, the oracle and random rejection."""
     from facepipe.evaluation.protocols import ProtocolError, read_cfp_pairs, read_lfw_pairs
     from facepipe.commands.eval_verification import _parse_int_list
     from facepipe.evaluation.quality import error_versus_reject, plot_error_versus_reject
 
-    if (cfp_root is None) == (lfw_root is None):
-        raise click.UsageError("give one protocol: --cfp ROOT or --lfw ROOT --lfw-pairs pairs.txt")
+    if sum(x is not None for x in (cfp_root, lfw_root, bin_file)) != 1:
+        raise click.UsageError("give one protocol: --cfp ROOT, --lfw ROOT --lfw-pairs pairs.txt, or --bin FILE")
     if lfw_root is not None and lfw_pairs is None:
         raise click.UsageError("--lfw needs --lfw-pairs")
     set_threads(threads)
     device = resolve_device(device)
-    try:
-        pairs = read_cfp_pairs(cfp_root, protocol) if cfp_root else read_lfw_pairs(lfw_pairs, lfw_root)
-        pairs = pairs.subset(_parse_int_list(splits, "--splits"), limit)
-    except ProtocolError as exc:
-        raise click.ClickException(str(exc)) from None
-    name = f"CFP-{protocol}" if cfp_root else "LFW"
-    missing = pairs.missing_paths()
-    if missing:
-        raise click.ClickException(f"{name}: {len(missing)} image(s) of the protocol are missing, e.g. {missing[0]}")
-    keys = [os.path.abspath(p) for p in pairs.unique_paths()]
-    features, crops = _features_and_crops(keys, detector, detector_weights, model, weights, device, batch_size,
-                                          min_score, pad, cache_dir, no_cache, name)
+    if bin_file is not None:
+        name = Path(bin_file).stem
+        features, crops, pair_faces, issame = _bin_features(bin_file, detector, detector_weights, model, weights, device,
+                                                            batch_size, min_score, cache_dir, no_cache, limit)
+        keys = features.keys
+    else:
+        try:
+            pairs = read_cfp_pairs(cfp_root, protocol) if cfp_root else read_lfw_pairs(lfw_pairs, lfw_root)
+            pairs = pairs.subset(_parse_int_list(splits, "--splits"), limit)
+        except ProtocolError as exc:
+            raise click.ClickException(str(exc)) from None
+        name = f"CFP-{protocol}" if cfp_root else "LFW"
+        missing = pairs.missing_paths()
+        if missing:
+            raise click.ClickException(f"{name}: {len(missing)} image(s) of the protocol are missing, e.g. {missing[0]}")
+        keys = [os.path.abspath(p) for p in pairs.unique_paths()]
+        features, crops = _features_and_crops(keys, detector, detector_weights, model, weights, device, batch_size,
+                                              min_score, pad, cache_dir, no_cache, name)
+        position = {key: i for i, key in enumerate(features.keys)}
+        pair_faces = np.array(
+            [[position[os.path.abspath(a)], position[os.path.abspath(b)]] for a, b in zip(pairs.left, pairs.right)], dtype=np.int64
+        )
+        issame = pairs.issame
     from facepipe.evaluation.quality import cosine_scores, pair_measures
 
-    position = {key: i for i, key in enumerate(features.keys)}
-    pair_faces = np.array(
-        [[position[os.path.abspath(a)], position[os.path.abspath(b)]] for a, b in zip(pairs.left, pairs.right)], dtype=np.int64
-    )
     embeddings = features.embedding + features.embedding_flip
     measures = pair_measures(embeddings, features.faces, crops)
     scores = cosine_scores(embeddings, pair_faces)
     try:
-        report = error_versus_reject(measures, pair_faces, scores, pairs.issame, fmr=fmr, max_reject=max_reject)
+        report = error_versus_reject(measures, pair_faces, scores, issame, fmr=fmr, max_reject=max_reject)
     except ValueError as exc:
         raise click.ClickException(f"{name}: {exc}") from None
     from facepipe.io.atomic import atomic_write_text
@@ -131,3 +140,30 @@ def _features_and_crops(keys, detector, detector_weights, model, weights, device
         else:
             crops[i] = align_faces([image], [[Face.from_row(row)]])[0][0]
     return features, crops
+
+
+def _bin_features(bin_file, detector, detector_weights, model, weights, device, batch_size, min_score, cache_dir, no_cache,
+                  limit) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
+    """A .bin's crops re-aligned (padded by half, detected, aligned; the crop itself where no face is found), as
+    ``compare-detectors`` does, with pairs (2i, 2i+1); sharpness is measured on the given crops."""
+    from facepipe.commands.eval_verification import _build_detector, _build_embedder, _cache_dir, _spec
+    from facepipe.evaluation.raw_pipeline import extract_features
+    from facepipe.io.digest import file_fingerprint
+    from facepipe.io.verification_bin import VerificationBinError, load_bin
+
+    try:
+        images, issame = load_bin(bin_file, limit_pairs=None if limit is None else 10 * limit)
+    except VerificationBinError as exc:
+        raise click.ClickException(str(exc)) from None
+    resolved = str(Path(bin_file).resolve())
+    stamp = file_fingerprint(resolved)
+    keys = [f"{resolved}#{i}" for i in range(len(images))]
+    features = extract_features(
+        keys, lambda key: images[int(key.rsplit("#", 1)[1])], _build_detector(detector, detector_weights, device),
+        _build_embedder(model, weights, device, batch_size), _spec(detector, detector_weights, model, weights, min_score,
+                                                                   pad=0.5, mode="aligned"),
+        cache_dir=_cache_dir(cache_dir, no_cache), batch_size=batch_size, description=f"{Path(bin_file).stem} {detector}",
+        stamp=lambda key: stamp,
+    )
+    pair_faces = np.arange(len(images), dtype=np.int64).reshape(-1, 2)
+    return features, images, pair_faces, issame

@@ -27,3 +27,21 @@ def test_cfp_fp_quality_curves_on_one_split(tmp_path):
     assert curves["oracle"]["area"] <= curves["random"]["area"]
     assert (tmp_path / "q" / "evrc.png").stat().st_size > 10_000
     assert "detector retinaface" in result.output
+
+
+def test_quality_curves_of_a_bin(tmp_path):
+    """A .bin of aligned CFP-FP crops: its crops re-aligned, every measure's curve, pairs (2i, 2i+1)."""
+    from facepipe.detection.base import create_detector
+    from tests.commands.test_eval_verification import _make_cfp_bin_module
+
+    root = shared_path("cfp", "cfp-dataset")
+    bin_path = tmp_path / "cfp_fp_mini.bin"
+    _make_cfp_bin_module().build_cfp_bin(root, "FP", bin_path, create_detector("retinaface"), splits=[1], limit=30)
+    result = CliRunner().invoke(main, ["eval", "quality", "--bin", str(bin_path), "--fmr", "0.05", "--threads", "1",
+                                       "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "q")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "q" / "evrc.json").read_text())
+    assert report["protocol"] == "cfp_fp_mini" and report["pairs"] == 30 and report["faces"] == 60
+    assert {c["measure"] for c in report["ranking"]} >= {"embedding_norm", "sharpness", "yaw", "oracle", "random"}
+    result = CliRunner().invoke(main, ["eval", "quality", "--bin", str(bin_path), "--cfp", str(root), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "give one protocol" in result.output
