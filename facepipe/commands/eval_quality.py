@@ -29,6 +29,10 @@ from facepipe.commands.common import (
 @click.option("--protocol", type=click.Choice(["FF", "FP"]), default="FP", show_default=True, help="CFP protocol.")
 @click.option("--lfw", "lfw_root", type=click.Path(file_okay=False, exists=True), default=None, help="LFW image folder.")
 @click.option("--lfw-pairs", type=click.Path(dir_okay=False, exists=True), default=None, help="LFW pairs.txt.")
+@click.option("--ijbc", "ijbc_root", type=click.Path(file_okay=False, exists=True), default=None,
+              help="An IJB-C / IJB-B layout (e.g. the mini IJB-C): its 1:1 template pairs; a template's quality is the "
+              "mean of its images' (sharpness is not measured there).")
+@click.option("--target", type=click.Choice(["IJBC", "IJBB"]), default="IJBC", show_default=True, help="With --ijbc.")
 @click.option("--bin", "bin_file", type=click.Path(dir_okay=False, exists=True), default=None,
               help="An insightface .bin (lfw, cfp_fp, agedb_30): its crops re-aligned as compare-detectors does.")
 @detector_option
@@ -51,19 +55,22 @@ from facepipe.commands.common import (
 @click.option("--no-cache", is_flag=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder for evrc.json and evrc.png.")
-def quality(cfp_root, protocol, lfw_root, lfw_pairs, bin_file, detector, detector_weights, model, weights, device, threads,
+def quality(cfp_root, protocol, lfw_root, lfw_pairs, ijbc_root, target, bin_file, detector, detector_weights, model, weights, device, threads,
             batch_size, pad, min_score, fmr, max_reject, splits, limit, cache_dir, no_cache, out_dir) -> None:
     """Error-versus-reject curves (ISO/IEC 29794-1) of every quality measure, the oracle and random rejection."""
     from facepipe.evaluation.protocols import ProtocolError, read_cfp_pairs, read_lfw_pairs
     from facepipe.commands.eval_verification import _parse_int_list
-    from facepipe.evaluation.quality import error_versus_reject, plot_error_versus_reject
+    from facepipe.evaluation.quality import error_versus_reject
 
-    if sum(x is not None for x in (cfp_root, lfw_root, bin_file)) != 1:
-        raise click.UsageError("give one protocol: --cfp ROOT, --lfw ROOT --lfw-pairs pairs.txt, or --bin FILE")
+    if sum(x is not None for x in (cfp_root, lfw_root, bin_file, ijbc_root)) != 1:
+        raise click.UsageError("give one protocol: --cfp ROOT, --lfw ROOT --lfw-pairs pairs.txt, --bin FILE or --ijbc ROOT")
     if lfw_root is not None and lfw_pairs is None:
         raise click.UsageError("--lfw needs --lfw-pairs")
     set_threads(threads)
     device = resolve_device(device)
+    if ijbc_root is not None:
+        _ijbc_quality(Path(ijbc_root), target, model, weights, device, batch_size, cache_dir, fmr, max_reject, out_dir)
+        return
     if bin_file is not None:
         name = Path(bin_file).stem
         features, crops, pair_faces, issame = _bin_features(bin_file, detector, detector_weights, model, weights, device,
@@ -96,19 +103,62 @@ def quality(cfp_root, protocol, lfw_root, lfw_pairs, bin_file, detector, detecto
         report = error_versus_reject(measures, pair_faces, scores, issame, fmr=fmr, max_reject=max_reject)
     except ValueError as exc:
         raise click.ClickException(f"{name}: {exc}") from None
+    _write_report(report, out_dir, {"protocol": name, "detector": detector, "model": model, "faces": len(keys),
+                                    "pairs": len(pair_faces)}, f"{name} · detector {detector} · model {model}", fmr, max_reject)
+
+
+def _write_report(report: Any, out_dir: Path, header: dict[str, Any], title: str, fmr: float, max_reject: float) -> None:
+    from facepipe.evaluation.quality import plot_error_versus_reject
     from facepipe.io.atomic import atomic_write_text
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"protocol": name, "detector": detector, "model": model, "faces": len(keys), "pairs": len(pair_faces),
-               **report.to_dict()}
-    atomic_write_text(out_dir / "evrc.json", json.dumps(payload, indent=1))
-    title = f"{name} · detector {detector} · model {model}"
+    atomic_write_text(out_dir / "evrc.json", json.dumps({**header, **report.to_dict()}, indent=1))
     plot_error_versus_reject(report, str(out_dir / "evrc.png"), title=f"Error versus reject: {title}")
     click.echo(f"== {title}: threshold {report.threshold:.4f} at FMR {fmr:g}, FNMR {report.baseline_fnmr:.4f} with nothing rejected")
     click.echo("measure          area (mean FNMR, 0..{:.0%} rejected)".format(max_reject))
     for measure, area in report.ranking():
         click.echo(f"  {measure:<16} {area:.4f}")
     click.echo(f"written: {out_dir / 'evrc.json'}, {out_dir / 'evrc.png'}")
+
+
+def _ijbc_quality(root: Path, target: str, model: str, weights: str | None, device: str, batch_size: int,
+                  cache_dir: str | None, fmr: float, max_reject: float, out_dir: Path) -> None:
+    """Template-level curves on an IJB layout: the images' features from the IJB-C feature cache (given five
+    points, as `eval ijbc`), templates pooled N1D1F1, per-template quality = the mean of its images'."""
+    from facepipe.commands.eval_ijbc import run_feature_job
+    from facepipe.evaluation.ijbc import ScoreConfig, TemplatePooling, pool_templates, score_pairs
+    from facepipe.evaluation.ijbc_features import FeatureCache, FeatureCacheError, FeatureExtractor, IJBFeatureJob
+    from facepipe.evaluation.ijbc_layout import read_ijb_layout
+    from facepipe.evaluation.quality import error_versus_reject, template_measures
+    from facepipe.io.digest import digest_json
+    from facepipe.quality import inter_ocular_distance, landmark_yaw
+
+    try:
+        layout = read_ijb_layout(root, target)
+        extractor = FeatureExtractor(model=model, weights=weights, device=device)
+        key = extractor.cache_key(layout)
+        folder = Path(cache_dir) if cache_dir else out_dir / "feature_cache"
+        cache = FeatureCache(folder / f"{target}_{model}_given_{digest_json(key)[:10]}", key, layout.num_images)
+        run_feature_job(IJBFeatureJob(layout, cache, extractor, batch_size), "local")
+        pooling = TemplatePooling.build(layout.templates, layout.medias)
+        config = ScoreConfig()
+        shards = list(cache.iter_shards())
+        feats = pool_templates(pooling, ((start, f, s) for start, f, s, _ in shards), [config])[config]
+        rows1, rows2 = pooling.template_rows(layout.pair_t1), pooling.template_rows(layout.pair_t2)
+        scores = score_pairs(feats, rows1, rows2)
+        norms = np.concatenate([np.linalg.norm(f.sum(axis=1), axis=1) for _, f, _, _ in shards])
+        image_measures = {
+            "detector_score": layout.faceness, "embedding_norm": norms,
+            "inter_ocular": inter_ocular_distance(layout.landmarks), "yaw": -np.abs(landmark_yaw(layout.landmarks)),
+        }
+        measures = template_measures(image_measures, pooling.template_rows(layout.templates), pooling.num_templates)
+        report = error_versus_reject(measures, np.stack([rows1, rows2], axis=1), scores, layout.labels.astype(bool),
+                                     fmr=fmr, max_reject=max_reject)
+    except (ValueError, FileNotFoundError, FeatureCacheError) as exc:
+        raise click.ClickException(str(exc)) from None
+    header = {"protocol": f"{target} 1:1 (templates)", "detector": "given", "model": model,
+              "templates": int(pooling.num_templates), "pairs": int(len(scores))}
+    _write_report(report, out_dir, header, f"{target} templates · given points · model {model}", fmr, max_reject)
 
 
 def _features_and_crops(keys, detector, detector_weights, model, weights, device, batch_size, min_score, pad,

@@ -231,3 +231,17 @@ def cosine_scores(embeddings: np.ndarray, pair_faces: np.ndarray) -> np.ndarray:
 
     unit = l2_normalize(np.asarray(embeddings, dtype=np.float64))
     return np.sum(unit[pair_faces[:, 0]] * unit[pair_faces[:, 1]], axis=1)
+
+
+def template_measures(image_measures: Mapping[str, np.ndarray], image_rows: np.ndarray, n_templates: int) -> dict[str, np.ndarray]:
+    """Per-template quality for template-based protocols (IJB-C 1:1): the mean of its images' finite values (NaN
+    when it has none). A pair is then rejected when either template is."""
+    out = {}
+    for name, values in image_measures.items():
+        values = np.asarray(values, dtype=np.float64)
+        finite = np.isfinite(values)
+        sums = np.bincount(image_rows[finite], weights=values[finite], minlength=n_templates)
+        counts = np.bincount(image_rows[finite], minlength=n_templates)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[name] = np.where(counts > 0, sums / counts, np.nan)
+    return out
