@@ -81,6 +81,7 @@ def write_synthetic(folder: Path, n_images: int, seed: int = 0) -> dict:
                 "identity": [p.rsplit("/", 1)[0] for p in paths],
                 "norm": np.ones(stop - start, np.float32),
                 "det_score": np.full(stop - start, np.nan, np.float32),
+                "sharpness": np.full(stop - start, np.nan, np.float32),
                 "status": ["ok"] * (stop - start),
                 "reason": [""] * (stop - start),
             },
