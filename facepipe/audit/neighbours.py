@@ -116,7 +116,7 @@ def exact_top_k(queries: np.ndarray, base: np.ndarray, k: int, block: int = 1310
     return np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
 
 
-def _rerank(queries: np.ndarray, base: np.ndarray, candidates: np.ndarray, k: int, block: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+def _rerank(queries: np.ndarray, base: np.ndarray, candidates: np.ndarray, k: int, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
     """Exact similarities of each query's candidates, best ``k`` first."""
     sims = np.full((len(queries), k), -np.inf, np.float32)
     ids = np.full((len(queries), k), -1, np.int64)
