@@ -63,7 +63,7 @@ def _cfp_images(n):
     return [str(p) for p in sorted(root.glob("00[12]/frontal/*.jpg"))[:n]]
 
 
-class _CountingDetector:
+class CountingDetector:
     """The real detector, counting how many images it is asked to look at."""
 
     def __init__(self, detector):
@@ -79,7 +79,7 @@ class _CountingDetector:
 def test_cache_reuses_work_and_survives_interruption(tmp_path, retinaface, mobilefacenet):
     keys = _cfp_images(6)
     spec = PipelineSpec("retinaface", None, "mobilefacenet", None)
-    counting = _CountingDetector(retinaface)
+    counting = CountingDetector(retinaface)
     loads = []
 
     def flaky_load(key):

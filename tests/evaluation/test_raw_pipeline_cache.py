@@ -11,19 +11,7 @@ from facepipe.embedding.base import create_embedder
 from facepipe.evaluation.raw_pipeline import FeatureCache, PipelineSpec, extract_features, feature_summary
 from facepipe.io.images import read_image
 from tests.conftest import shared_path
-
-
-class CountingDetector:
-    """The real detector, counting how many images it is asked to look at."""
-
-    def __init__(self, detector):
-        self.detector = detector
-        self.name = detector.name
-        self.seen = 0
-
-    def detect(self, images):
-        self.seen += len(images)
-        return self.detector.detect(images)
+from tests.evaluation.test_raw_pipeline import CountingDetector
 
 
 @pytest.fixture(scope="module")
