@@ -23,6 +23,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from facepipe.embedding.base import l2_normalize
 from facepipe.embedding.store import EmbeddingStoreError, iter_shards, read_manifest
 from facepipe.io.atomic import atomic_path, atomic_write_text
 from facepipe.io.files import MiB, check_regular_file, read_file_bounded
@@ -63,12 +64,6 @@ class IndexParams:
     def __post_init__(self) -> None:
         if self.index_type not in INDEX_TYPES:
             raise ValueError(f"index type must be one of {', '.join(INDEX_TYPES)}, got {self.index_type!r}")
-
-
-def normalized(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
 
 
 def make_index(dim: int, count: int, params: IndexParams) -> Any:
@@ -198,7 +193,7 @@ def build_gallery(
             for matrix, rows in iter_shards(emb_dir):
                 keep = _ok_rows(rows)
                 if keep.any():
-                    yield normalized(np.asarray(matrix)[keep]), rows[keep].reset_index(drop=True), emb_dir
+                    yield l2_normalize(np.asarray(matrix, dtype=np.float32)[keep]), rows[keep].reset_index(drop=True), emb_dir
 
     first_matrix, _, _ = next(iter(ok_chunks()))
     dim = first_matrix.shape[1]
@@ -316,7 +311,7 @@ class Gallery:
 
     def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """``(scores, ids)`` of shape ``(Q, k)``; missing neighbours have id -1."""
-        queries = normalized(np.atleast_2d(queries))
+        queries = l2_normalize(np.atleast_2d(np.asarray(queries, dtype=np.float32)))
         if queries.shape[1] != self.info.dim:
             raise GalleryError(f"queries are {queries.shape[1]}-d, the gallery {self.info.dim}-d: embed them with the gallery's model")
         return self.index.search(queries, min(k, max(1, self.index.ntotal)))
