@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from facepipe.audit.neighbours import Neighbours, nearest
+from facepipe.embedding.base import l2_normalize
 
 MAD_SCALE = 1.4826  # MAD of a normal distribution × this = its standard deviation
 BLOCK = 65_536  # rows per streamed block: float64 temporaries of ~270 MB at 512-d
@@ -121,8 +122,7 @@ def identity_sums(vectors: np.ndarray, identity: np.ndarray, n_identities: int, 
 
 
 def unit_rows(sums: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(sums, axis=1, keepdims=True)
-    return (sums / np.maximum(norms, 1e-12)).astype(np.float32)
+    return l2_normalize(sums).astype(np.float32)
 
 
 def row_dots(vectors: np.ndarray, identity: np.ndarray, table: np.ndarray) -> np.ndarray:

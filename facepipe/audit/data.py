@@ -102,7 +102,7 @@ def load_embedding_folder(emb_dir: str | Path, name: str | None = None) -> Embed
 def load_bin_set(bin_path: str | Path, model: dict[str, Any], device: str = "cpu", batch_size: int = 64) -> EmbeddingSet:
     """An insightface ``.bin`` (aligned crops, no identities) embedded with ``model`` (flip test as the training
     set's ``flip``)."""
-    from facepipe.embedding.base import create_embedder
+    from facepipe.embedding.base import create_embedder, l2_normalize
     from facepipe.io.verification_bin import VerificationBinError, load_bin
 
     bin_path = Path(bin_path)
@@ -113,8 +113,7 @@ def load_bin_set(bin_path: str | Path, model: dict[str, Any], device: str = "cpu
     options = dict(model.get("options") or {})
     embedder = create_embedder(model["model"], weights=model.get("weights"), device=device, batch_size=batch_size, **options)
     raw = embedder.embed(images, flip=bool(model.get("flip", True)))
-    norms = np.linalg.norm(raw, axis=1, keepdims=True)
-    vectors = (raw / np.maximum(norms, 1e-12)).astype(np.float32)
+    vectors = l2_normalize(raw).astype(np.float32)
     paths = [f"{bin_path.name}#{i}" for i in range(len(vectors))]
     return EmbeddingSet(bin_path.name, vectors, paths, np.full(len(vectors), -1, np.int64), [], dict(model, embedding_size=raw.shape[1]))
 
