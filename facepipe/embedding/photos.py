@@ -26,11 +26,12 @@ from facepipe.alignment import estimate_norm, warp_crops
 from facepipe.embedding.base import Embedder
 from facepipe.embedding.crops import reader_only
 from facepipe.embedding.store import (
-    EmbeddedBatch,
     EmbedJob,
     EmbedSpec,
     EmbedSummary,
+    EmbeddedBatch,
     build_embedder,
+    detection_columns,
     embed_crops,
     results_table,
     run_settings,
@@ -38,7 +39,6 @@ from facepipe.embedding.store import (
 from facepipe.faces import KEEP_MODES, choose_faces, detect_padded
 from facepipe.io.images import ImageDecodeError, decode_image_bounded
 from facepipe.pipeline.sources import Item, Source, open_source
-from facepipe.quality import inter_ocular_distance, landmark_yaw
 from facepipe.types import Face
 
 
@@ -184,22 +184,10 @@ class FaceEmbedder:
         for key, face, _, _ in rows:
             number = face_number[key] = face_number.get(key, -1) + 1
             paths.append(f"{key}#{number}" if self.detect.keep == "all" and face is not None else key)
-        detection = {
-            "source": [key for key, _, _, _ in rows],
-            "box": [None if face is None else [float(v) for v in face.box] for _, face, _, _ in rows],
-            "landmarks": [None if face is None else np.asarray(face.landmarks, np.float64).tolist() for _, face, _, _ in rows],
-            **_landmark_quality([face for _, face, _, _ in rows]),
-        }
+        detection = detection_columns([key for key, _, _, _ in rows], [face for _, face, _, _ in rows])
         scores = [float("nan") if face is None else float(face.score) for _, face, _, _ in rows]
         batch = EmbeddedBatch(embeddings, norms, [r[2] for r in rows], [r[3] for r in rows], sharpness)
         return results_table(paths, batch, self.spec.dtype, det_scores=scores, detection=detection)
-
-
-def _landmark_quality(faces: Sequence[Face | None]) -> dict[str, list[float]]:
-    """``inter_ocular`` and ``yaw`` (facepipe.quality) of each face; NaN where there is none."""
-    landmarks = np.stack([np.full((5, 2), np.nan) if f is None else np.asarray(f.landmarks, np.float64).reshape(5, 2) for f in faces]) \
-        if faces else np.zeros((0, 5, 2))
-    return {"inter_ocular": inter_ocular_distance(landmarks).tolist(), "yaw": landmark_yaw(landmarks).tolist()}
 
 
 def embed_photos_job(

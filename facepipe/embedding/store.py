@@ -47,7 +47,8 @@ from facepipe.io.images import ImageDecodeError, decode_image
 from facepipe.io.recordio import RecordIOError
 from facepipe.io.run_state import RunState, RunStateError, write_table_atomic
 from facepipe.pipeline.sources import FileSource, Item, RecordIOSource, Source, identity_of
-from facepipe.quality import laplacian_sharpness
+from facepipe.quality import inter_ocular_distance, landmark_yaw, laplacian_sharpness
+from facepipe.types import Face
 
 __all__ = [
     "MANIFEST_NAME", "MANIFEST_SCHEMA", "RUN_FILE", "CropEmbedder", "EmbedJob", "EmbedSpec", "EmbedSummary",
@@ -221,6 +222,20 @@ class CropEmbedder:
     def __call__(self, batch: Sequence[Item]) -> pa.Table:
         result = self.embed_items(batch)
         return results_table([item.key for item in batch], result, self.spec.dtype)
+
+
+def detection_columns(sources: Sequence[str], faces: Sequence[Face | None]) -> dict[str, list[Any]]:
+    """The ``DETECTION_FIELDS`` of rows from photos ``sources`` and their faces (original pixels; None where a
+    photo gave none): box, landmarks and facepipe.quality's inter-ocular distance and yaw (NaN without a face)."""
+    landmarks = np.stack([np.full((5, 2), np.nan) if f is None else np.asarray(f.landmarks, np.float64).reshape(5, 2) for f in faces]) \
+        if len(faces) else np.zeros((0, 5, 2))
+    return {
+        "source": list(sources),
+        "box": [None if f is None else [float(v) for v in f.box] for f in faces],
+        "landmarks": [None if f is None else row.tolist() for f, row in zip(faces, landmarks)],
+        "inter_ocular": inter_ocular_distance(landmarks).tolist(),
+        "yaw": landmark_yaw(landmarks).tolist(),
+    }
 
 
 def embedding_column(embeddings: np.ndarray, dtype: str) -> pa.FixedSizeListArray:
@@ -469,9 +484,7 @@ class EmbedJob:
     def failed(self, batch: Sequence[Item], reason: str) -> pa.Table:
         n = len(batch)
         empty = EmbeddedBatch(np.zeros((n, self.dim), self.dtype), np.zeros(n, np.float32), ["error"] * n, [reason] * n)
-        detection = None
-        if self.detection:
-            detection = {"source": [item.key for item in batch], "box": [None] * n, "landmarks": [None] * n}
+        detection = detection_columns([item.key for item in batch], [None] * n) if self.detection else None
         return results_table([item.key for item in batch], empty, self.dtype, detection=detection)
 
     def commit(self, unit: Unit, results: Sequence[pa.Table]) -> None:

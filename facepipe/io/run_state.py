@@ -87,7 +87,12 @@ class RunState:
         cleanup_temporaries(self.parts_dir)
         cleanup_temporaries(self.run_file.parent)
         encoded = json.loads(json.dumps(settings, sort_keys=True, default=str))
-        previous = self.previous_settings()
+        try:
+            previous = self.previous_settings()
+        except RunStateError:
+            if not overwrite:
+                raise
+            previous = None  # unreadable: --overwrite starts over without it
         if previous is not None and previous != encoded and not overwrite:
             raise settings_mismatch(self.run_file.parent, previous, encoded)
         if overwrite and self.done_parts():

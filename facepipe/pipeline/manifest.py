@@ -205,12 +205,6 @@ class ManifestStore:
             if discard is not None and "outputs" in table.column_names:
                 discard([decode_name(name) for names in table.column("outputs").to_pylist() for name in names or []])
 
-        if overwrite:
-            self.state.acquire_lock()
-            try:
-                self.state.previous_settings()
-            except RunStateError:
-                self.state.run_file.unlink()  # unreadable: --overwrite starts over without it
         self.state.start(settings, overwrite=overwrite, discard=discard_rows)
         self.staging_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.staging_dir.iterdir():  # a killed run's temporary crops

@@ -131,3 +131,18 @@ def test_face_embedder_pickles_without_its_models_and_gives_the_same_rows(photos
     again = clone(items)
     assert again.column("status").to_pylist() == ["ok", "no_face"] == first.column("status").to_pylist()
     np.testing.assert_array_equal(embeddings_of(again), embeddings_of(first))
+
+
+def test_a_batch_given_up_on_becomes_error_rows_with_every_detection_column(tmp_path):
+    """What the engine commits for a batch whose worker kept dying: one error row per photo, schema complete."""
+    from facepipe.embedding.photos import DetectSpec, embed_photos_job
+    from facepipe.embedding.store import EmbedSpec
+    from facepipe.pipeline.sources import Item
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(shared_path("images", "group", "t1.jpg").read_bytes())
+    with embed_photos_job(photos, tmp_path / "emb", EmbedSpec(), DetectSpec()) as job:
+        rows = job.failed([Item(0, "a.jpg", str(photos / "a.jpg"))], "worker died 3 times")
+    assert rows.column("status").to_pylist() == ["error"] and rows.column("reason").to_pylist() == ["worker died 3 times"]
+    assert rows.column("inter_ocular").to_pylist()[0] != rows.column("inter_ocular").to_pylist()[0]  # NaN

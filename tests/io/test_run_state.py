@@ -103,3 +103,15 @@ def test_a_corrupt_settings_file_is_one_clear_error(tmp_path):
     state.run_file.write_bytes(b"\xff{not json")
     with pytest.raises(RunStateError, match="unreadable.*--overwrite"):
         _state(tmp_path).start({})
+
+
+def test_overwrite_starts_over_even_when_the_settings_file_is_unreadable(tmp_path):
+    state = _state(tmp_path)
+    state.start({"size": 112})
+    state.commit_part(0, _table(["a"]))
+    state.close()
+    state.run_file.write_bytes(b"\xff{not json")
+    again = _state(tmp_path)
+    again.start({"size": 224}, overwrite=True)
+    assert again.done_parts() == [] and again.previous_settings() == {"size": 224}
+    again.close()
