@@ -102,22 +102,34 @@ def check_detector_precision(precision: str, detector: str, device: str) -> None
         raise click.ClickException(str(exc)) from None
 
 
+def _pack_models(pack: Path, *kinds: str) -> list[str]:
+    """The pack's model files of ``kinds`` (``detector``, ``recognition``), read once; ignored models are named."""
+    from facepipe.models.insightface_pack import load_pack
+
+    try:
+        found = load_pack(pack)
+        paths = [str(found.require(kind)) for kind in kinds]  # type: ignore[arg-type]
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+    for model in found.ignored:
+        click.echo(f"model pack: ignoring {model.path.name} ({model.description})", err=True)
+    return paths
+
+
 def apply_pack(pack: Path | None, detector: str, weights: str | None) -> tuple[str, str | None]:
     """(detector, weights) with ``--pack``: the pack's SCRFD file; models found are reported, ignored ones named."""
     if pack is None:
         return detector, weights
-    from facepipe.models.insightface_pack import load_pack
-
     if weights is not None:
         raise click.UsageError("give --pack or detector weights, not both")
-    try:
-        found = load_pack(pack)
-        weights = str(found.require("detector"))
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
-    for model in found.ignored:
-        click.echo(f"model pack: ignoring {model.path.name} ({model.description})", err=True)
-    return "scrfd", weights
+    return "scrfd", _pack_models(pack, "detector")[0]
+
+
+def pack_recognition(pack: Path, weights: str | None) -> tuple[str, str]:
+    """(model, weights) with ``--pack``: the pack's 112x112 recognition model, run as ``--model onnx``."""
+    if weights is not None:
+        raise click.UsageError("give --pack or --weights, not both")
+    return "onnx", _pack_models(pack, "recognition")[0]
 
 
 def apply_pack_models(
@@ -127,16 +139,10 @@ def apply_pack_models(
     recognition model (``--model onnx``), as insightface's ``FaceAnalysis`` would run them."""
     if pack is None:
         return detector, detector_weights, model, weights
-    from facepipe.models.insightface_pack import load_pack
-
-    if weights is not None:
-        raise click.UsageError("give --pack or --weights, not both")
-    detector, detector_weights = apply_pack(pack, detector, detector_weights)
-    try:
-        recognition = load_pack(pack).require("recognition")
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
-    return detector, detector_weights, "onnx", str(recognition)
+    if weights is not None or detector_weights is not None:
+        raise click.UsageError("give --pack or --weights / --detector-weights, not both")
+    detector_file, recognition = _pack_models(pack, "detector", "recognition")
+    return "scrfd", detector_file, "onnx", recognition
 
 
 _DEVICE_PATTERN = re.compile(r"cpu|mps|cuda(:\d+)?")

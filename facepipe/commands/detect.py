@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from facepipe.commands.common import (
     apply_pack,
+    check_detector_precision,
     detect_weights_option,
     detector_option,
     device_option,
@@ -124,18 +125,19 @@ def detect_batch(detector, images: list[np.ndarray]) -> list[list[Face] | Except
 
 
 def detector_options(
-    detector: str, batch_size: int, threshold: float | None = None, scale: str | None = None, precision: str = "fp32"
+    detector: str, batch_size: int, threshold: float | None = None, scale: str | None = None, precision: str = "fp32",
+    device: str = "cpu",
 ) -> dict:
     """Factory options for ``create_detector``: RetinaFace and SCRFD take a score threshold and a scale policy;
-    RetinaFace also a reduced precision.
+    RetinaFace also a reduced precision (``commands.common.check_detector_precision``: one line for a detector
+    or CPU that cannot run it).
 
     ``scale`` None is each detector's default: RetinaFace runs the original size, SCRFD letterboxes to its
     ``det_size`` (insightface's test, also called ``fixed``); SCRFD's ``original`` runs the image unresized.
     """
     options: dict = {"batch_size": batch_size}
+    check_detector_precision(precision, detector, device)
     if precision != "fp32":
-        if not detector.startswith("retinaface"):
-            raise click.UsageError(f"--precision {precision} is for the RetinaFace detectors; {detector} runs fp32")
         options["precision"] = precision
     if detector.startswith("retinaface") or detector == "scrfd":
         if threshold is not None:
@@ -208,7 +210,7 @@ def detect(
     sources = collect_inputs(inputs)
     if not sources:
         raise click.UsageError("no image files found in the given inputs")
-    options = pipeline_detector_options(detector, detector_options(detector, batch_size, min_score, precision=precision))
+    options = pipeline_detector_options(detector, detector_options(detector, batch_size, min_score, precision=precision, device=device))
     model = build_detector(detector, detector_weights, device, **options)
 
     out.parent.mkdir(parents=True, exist_ok=True)

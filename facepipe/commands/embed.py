@@ -9,6 +9,7 @@ import click
 
 from facepipe.commands.common import (
     apply_pack_models,
+    pack_recognition,
     detector_option,
     detector_weights_option,
     device_option,
@@ -112,7 +113,7 @@ def embed(
         if detect:
             detector, detector_weights, model, weights = apply_pack_models(pack, detector, detector_weights, model, weights)
         else:
-            _, _, model, weights = apply_pack_models(pack, "scrfd", None, model, weights)
+            model, weights = pack_recognition(pack, weights)
     if not detect and not (input_path.is_dir() or input_path.suffix == ".rec"):
         raise click.UsageError(f"{input_path}: expected a folder of crops or a train.rec (raw photos: add --detect)")
     onnx_options = {"preset": onnx_preset, "input_format": input_format, "mean": mean, "std": std}

@@ -20,6 +20,7 @@ import click
 
 from facepipe.commands.common import (
     apply_pack_models,
+    check_detector_precision,
     detector_option,
     detector_weights_option,
     device_option,
@@ -103,10 +104,10 @@ def _build_embedder(model: str, weights: str | None, device: str, batch_size: in
 
 
 def _build_detector(name: str, weights: str | None, device: str, precision: str = "fp32") -> Any:
-    from facepipe.commands.detect import detector_options
     from facepipe.detection.base import create_detector
 
-    options = {k: v for k, v in detector_options(name, 1, precision=precision).items() if k == "precision"}
+    check_detector_precision(precision, name, device)
+    options = {"precision": precision} if precision != "fp32" else {}
     return create_detector(name, weights=weights, device=device, **options)
 
 

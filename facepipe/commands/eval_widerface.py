@@ -139,7 +139,7 @@ def widerface(
             run_info["precision"] = precision
         if missing:
             # Build the detector first: bad settings or weights must fail before the folder is claimed.
-            options = detector_options(detector, batch_size, EVAL_SCORE_THRESHOLD, scale, precision)
+            options = detector_options(detector, batch_size, EVAL_SCORE_THRESHOLD, scale, precision, device)
             set_threads(threads)
             model = build_detector(detector, detector_weights, device, **options)
             _check_run_info(folder, run_info)

@@ -133,6 +133,10 @@ class OnnxRuntimeBackend:
         precision: str = "fp32",
         model_name: str = "retinaface",
     ) -> None:
+        if not isinstance(model, bytes):  # read and checked once, for onnxruntime and any reduced precision
+            if not os.path.lexists(model):
+                raise FileNotFoundError(f"ONNX model not found: {model}")
+            model = load_onnx_model_checked(model).SerializeToString()
         self.session = onnxruntime_session(model, device, intra_op_threads)
         inputs = self.session.get_inputs()
         if len(inputs) != 1 or len(self.session.get_outputs()) != 3:
@@ -143,9 +147,8 @@ class OnnxRuntimeBackend:
         if precision != "fp32":  # bf16 on OpenVINO where the CPU has it (facepipe.runtime); same run() call
             from facepipe.runtime.sessions import reduced_precision_session
 
-            data = model if isinstance(model, bytes) else load_onnx_model_checked(model).SerializeToString()
             threads = intra_op_threads or torch.get_num_threads()
-            session, self.precision = reduced_precision_session(data, precision, model_name, threads, device, kind="detector")
+            session, self.precision = reduced_precision_session(model, precision, model_name, threads, device, kind="detector")
             if session is not None:
                 self.session = session
                 self.name = f"openvino-cpu-{self.precision}"

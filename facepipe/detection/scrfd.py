@@ -44,6 +44,7 @@ import numpy as np
 from facepipe.detection.backends import onnxruntime_session
 from facepipe.detection.base import check_images
 from facepipe.detection.box_ops import nms
+from facepipe.io.files import FileReadError, check_regular_file
 from facepipe.types import Face
 
 ScalePolicy = Literal["letterbox", "original"]
@@ -208,8 +209,13 @@ class ScrfdOnnxBackend:
         import onnx
 
         label = "model" if isinstance(model, bytes) else Path(model).name
-        if isinstance(model, (str, os.PathLike)) and not Path(model).is_file():
-            raise FileNotFoundError(f"ONNX model not found: {model}")
+        if isinstance(model, (str, os.PathLike)):
+            if not os.path.lexists(model):
+                raise FileNotFoundError(f"ONNX model not found: {model}")
+            try:
+                check_regular_file(model)  # a FIFO or folder: its own reason, never a hang
+            except FileReadError as exc:
+                raise ValueError(f"{label}: cannot read it ({exc})") from None
         try:
             proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
         except Exception as exc:  # noqa: BLE001 - any parse failure means "not an ONNX file"

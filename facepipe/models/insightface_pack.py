@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from facepipe.io.files import check_regular_file
+
 Kind = Literal["detector", "recognition", "other"]
 
 RECOGNITION_INPUT = (112, 112)
@@ -105,6 +107,7 @@ def load_pack(directory: str | os.PathLike) -> ModelPack:
     models = []
     for path in sorted(root.glob("*.onnx")):
         try:
+            check_regular_file(path)  # a FIFO named *.onnx must not hang the listing
             proto = onnx.load(str(path), load_external_data=False)
         except Exception as exc:  # noqa: BLE001 - a broken file is listed, not fatal
             models.append(PackModel(path, "other", f"unreadable ONNX ({type(exc).__name__})"))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
-from facepipe.io.files import GiB, FileReadError, os_path_of, printable_path, read_file_bounded
+from facepipe.io.files import GiB, FileReadError, os_path_of, printable_path, read_file_bounded, read_text_bounded
 from facepipe.io.images import ImageDecodeError, read_image_bytes, scan_images
 from facepipe.io.recordio import RecordIOError, RecordIOReader
 
@@ -147,10 +147,14 @@ class RecordIOSource:
     @staticmethod
     def label_names(path: Path) -> dict[int, str]:
         """``label -> identity`` from a ``labels.tsv`` (``<label><TAB><identity>`` lines); empty when there is none."""
-        if not path.is_file():
+        if not os.path.lexists(path):
             return {}
+        try:
+            text = read_text_bounded(path, MAX_LIST_BYTES)
+        except FileReadError as exc:
+            raise SourceError(f"{path}: {exc}") from None
         names: dict[int, str] = {}
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(text.splitlines(), 1):
             label, sep, identity = line.partition("\t")
             if not sep or not label.strip().lstrip("-").isdigit():
                 raise SourceError(f"{path}:{number}: expected '<label><TAB><identity>', got {line!r}")
