@@ -84,7 +84,7 @@ LAYOUTS: dict[int, ScrfdLayout] = {
 }
 
 
-def _dims(value_info: Any) -> list[int | None]:
+def tensor_dims(value_info: Any) -> list[int | None]:
     return [d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim]
 
 
@@ -99,8 +99,8 @@ def graph_inputs(model: Any) -> list[Any]:
 
 def describe_graph(model: Any) -> str:
     """One line: the graph's inputs and outputs with their shapes (for error messages)."""
-    inputs = ", ".join(f"{i.name} {_shape_text(_dims(i))}" for i in graph_inputs(model))
-    outputs = [_shape_text(_dims(o)) for o in model.graph.output]
+    inputs = ", ".join(f"{i.name} {_shape_text(tensor_dims(i))}" for i in graph_inputs(model))
+    outputs = [_shape_text(tensor_dims(o)) for o in model.graph.output]
     shown = ", ".join(outputs[:6]) + (f", ... ({len(outputs)} in all)" if len(outputs) > 6 else "")
     return f"input {inputs or 'none'}; {len(outputs)} output(s) {shown}"
 
@@ -111,14 +111,14 @@ def scrfd_layout(model: Any) -> ScrfdLayout:
     outputs = list(model.graph.output)
     layout = LAYOUTS.get(len(outputs))
     problem = None
-    if len(inputs) != 1 or len(_dims(inputs[0])) != 4 or _dims(inputs[0])[1] not in (3, None):
+    if len(inputs) != 1 or len(tensor_dims(inputs[0])) != 4 or tensor_dims(inputs[0])[1] not in (3, None):
         problem = "expected one (N, 3, H, W) image input"
     elif layout is None:
         problem = "expected 6, 9, 10 or 15 outputs (scores, boxes[, keypoints] per stride)"
     else:
         widths = [1] * layout.levels + [4] * layout.levels + ([10] * layout.levels if layout.keypoints else [])
         for output, width in zip(outputs, widths):
-            dims = _dims(output)
+            dims = tensor_dims(output)
             if len(dims) not in (0, 2, 3) or (dims and dims[-1] not in (width, None)):
                 problem = f"output {output.name} should be (anchors, {width}) or (N, anchors, {width})"
                 break
@@ -225,14 +225,14 @@ class ScrfdOnnxBackend:
         except ValueError as exc:
             raise ValueError(f"{label}: {exc}") from None
         self._device, self._threads = device, intra_op_threads
-        dims = _dims(graph_inputs(proto)[0])
+        dims = tensor_dims(graph_inputs(proto)[0])
         self.input_name = graph_inputs(proto)[0].name
         self.input_size = (dims[3], dims[2]) if dims[2] and dims[3] else None
         self.session = onnxruntime_session(proto.SerializeToString(), device, intra_op_threads)
         self.output_names = [o.name for o in self.session.get_outputs()]
         # Batch-1 exports fold the batch into the anchors of 2-D outputs: only 3-D outputs on a batch-dynamic
         # input are batched as they are.
-        self.batched = dims[0] != 1 and all(len(_dims(o)) == 3 for o in proto.graph.output)
+        self.batched = dims[0] != 1 and all(len(tensor_dims(o)) == 3 for o in proto.graph.output)
         if not self.batched:
             self._try_dynamic_batch(proto)
         self.name = "onnxruntime-" + ("cuda" if device.startswith("cuda") else "cpu")

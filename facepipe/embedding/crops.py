@@ -91,9 +91,3 @@ def list_crops(aligned_dir: str | os.PathLike) -> list[str]:
     return sorted(item.key for item in crop_folder_source(root).items())
 
 
-def reader_only(source: Source) -> Source:
-    """What a worker needs of a source: ``read(item)``. A folder's ``read`` uses only the item's path, so its list
-    of every crop (hundreds of MB for millions) stays in the driver."""
-    if isinstance(source, FileSource):
-        return FileSource([], source.root, source.description)
-    return source

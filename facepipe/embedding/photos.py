@@ -24,7 +24,6 @@ import pyarrow as pa
 
 from facepipe.alignment import estimate_norm, warp_crops
 from facepipe.embedding.base import Embedder
-from facepipe.embedding.crops import reader_only
 from facepipe.embedding.store import (
     EmbedJob,
     EmbedSpec,
@@ -38,7 +37,7 @@ from facepipe.embedding.store import (
 )
 from facepipe.faces import KEEP_MODES, choose_faces, detect_padded
 from facepipe.io.images import ImageDecodeError, decode_image_bounded
-from facepipe.pipeline.sources import Item, Source, open_source
+from facepipe.pipeline.sources import Item, Source, open_source, reader_only
 from facepipe.types import Face
 
 

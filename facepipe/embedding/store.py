@@ -40,13 +40,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from facepipe.embedding.base import Embedder, create_embedder, l2_normalize
-from facepipe.embedding.crops import CropFolderError, list_crops, open_crops, reader_only
+from facepipe.embedding.crops import CropFolderError, list_crops, open_crops
 from facepipe.engine.job import Unit
 from facepipe.io.atomic import atomic_path
 from facepipe.io.images import ImageDecodeError, decode_image
 from facepipe.io.recordio import RecordIOError
 from facepipe.io.run_state import RunState, RunStateError, write_table_atomic
-from facepipe.pipeline.sources import FileSource, Item, RecordIOSource, Source, identity_of
+from facepipe.pipeline.sources import FileSource, Item, RecordIOSource, Source, identity_of, reader_only
 from facepipe.quality import inter_ocular_distance, landmark_yaw, laplacian_sharpness
 from facepipe.types import Face
 

@@ -26,7 +26,7 @@ import pandas as pd
 from facepipe.embedding.base import l2_normalize
 from facepipe.embedding.store import EmbeddingStoreError, iter_shards, read_manifest
 from facepipe.io.atomic import atomic_path, atomic_write_text
-from facepipe.io.files import MiB, check_regular_file, read_file_bounded
+from facepipe.io.files import MiB, check_regular_file, first_line, read_file_bounded
 
 INDEX_TYPES = ("flat", "hnsw", "ivfflat", "ivfpq")
 MAPPING_COLUMNS = ["id", "path", "identity", "source", "norm", "det_score"]
@@ -34,11 +34,6 @@ MAPPING_COLUMNS = ["id", "path", "identity", "source", "norm", "det_score"]
 
 class GalleryError(RuntimeError):
     """The gallery or its inputs are missing or inconsistent."""
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _faiss():
@@ -285,7 +280,7 @@ class Gallery:
         try:  # regular files only: faiss and pyarrow would block on a FIFO
             self.index = _read_index_bounded(faiss, self.path, check_regular_file(self.path).st_size)
         except Exception as exc:  # FileReadError, or faiss's RuntimeError on a damaged or foreign file
-            raise GalleryError(f"{self.path}: not a readable FAISS index ({_first_line(exc)})") from None
+            raise GalleryError(f"{self.path}: not a readable FAISS index ({first_line(exc)})") from None
         try:
             check_regular_file(mapping_path)
             self.mapping = pd.read_parquet(mapping_path)
@@ -294,11 +289,11 @@ class Gallery:
                 raise ValueError(f"missing columns {sorted(missing)}")
             self.mapping = self.mapping.set_index("id", drop=False)
         except Exception as exc:  # FileReadError, pyarrow's ArrowInvalid, KeyError: damaged or foreign file
-            raise GalleryError(f"{mapping_path}: not a readable gallery mapping ({_first_line(exc)})") from None
+            raise GalleryError(f"{mapping_path}: not a readable gallery mapping ({first_line(exc)})") from None
         try:
             self.info = GalleryInfo.from_json(read_file_bounded(info_path, 64 * MiB).decode("utf-8"))
         except Exception as exc:  # FileReadError, UnicodeDecodeError, JSONDecodeError, missing or unknown fields
-            raise GalleryError(f"{info_path}: not a readable gallery description ({_first_line(exc)})") from None
+            raise GalleryError(f"{info_path}: not a readable gallery description ({first_line(exc)})") from None
         if self.index.ntotal != len(self.mapping):
             raise GalleryError(f"{self.path}: index holds {self.index.ntotal} vectors, mapping {len(self.mapping)} rows")
 

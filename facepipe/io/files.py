@@ -132,3 +132,9 @@ def read_text_bounded(path: str | os.PathLike, max_bytes: int) -> str:
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise FileReadError(f"line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x})") from None
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message``: an exception as the one line a command prints."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

@@ -118,7 +118,7 @@ def load_onnx_model_checked(path: str | os.PathLike):
         import onnx
     except ImportError as exc:
         raise CheckpointError("reading .onnx files needs the 'onnx' package: pip install facepipe[onnx]") from exc
-    from facepipe.io.files import FileReadError, check_regular_file
+    from facepipe.io.files import FileReadError, check_regular_file, first_line
 
     path = Path(path)
     try:
@@ -128,20 +128,15 @@ def load_onnx_model_checked(path: str | os.PathLike):
     try:
         model = onnx.load(str(path))
     except Exception as exc:  # protobuf DecodeError, onnx errors, OSError: not an ONNX file
-        raise CheckpointError(f"cannot read ONNX file {path}: not an ONNX model ({_first_line(exc)})") from None
+        raise CheckpointError(f"cannot read ONNX file {path}: not an ONNX model ({first_line(exc)})") from None
     graph = model.graph
     if not graph.node or not graph.input or not graph.output:
         raise CheckpointError(f"cannot read ONNX file {path}: no graph (nodes, inputs or outputs missing)")
     try:
         onnx.checker.check_model(model)
     except Exception as exc:  # onnx.checker.ValidationError and friends
-        raise CheckpointError(f"cannot read ONNX file {path}: invalid model ({_first_line(exc)})") from None
+        raise CheckpointError(f"cannot read ONNX file {path}: invalid model ({first_line(exc)})") from None
     return model
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

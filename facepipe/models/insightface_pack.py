@@ -67,13 +67,9 @@ class ModelPack:
         return "\n".join(f"{m.kind:<11} {m.path.name}: {m.description}" for m in self.models)
 
 
-def _dims(value_info: Any) -> list[int | None]:
-    return [d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim]
-
-
 def classify_graph(model: Any) -> tuple[Kind, str]:
     """(kind, description) of a loaded ONNX model, from its inputs and outputs only."""
-    from facepipe.detection.scrfd import describe_graph, graph_inputs, scrfd_layout
+    from facepipe.detection.scrfd import describe_graph, graph_inputs, scrfd_layout, tensor_dims
 
     try:
         layout = scrfd_layout(model)
@@ -86,7 +82,7 @@ def classify_graph(model: Any) -> tuple[Kind, str]:
     inputs = graph_inputs(model)
     outputs = list(model.graph.output)
     if len(inputs) == 1 and len(outputs) == 1:
-        in_dims, out_dims = _dims(inputs[0]), _dims(outputs[0])
+        in_dims, out_dims = tensor_dims(inputs[0]), tensor_dims(outputs[0])
         square = in_dims[2:4] if len(in_dims) == 4 and in_dims[1] == 3 else None
         if square == list(RECOGNITION_INPUT) and len(out_dims) == 2:
             return "recognition", f"recognition, 112x112 input, {out_dims[1] or '?'}-d embedding"

@@ -49,7 +49,7 @@ from facepipe.pipeline.manifest import (
     table_to_rows,
 )
 from facepipe.pipeline.sinks import SINK_KINDS, CommittedCrop, OutputNames, create_sink, identity_labels, output_folders
-from facepipe.pipeline.sources import FileSource, Item, Source
+from facepipe.pipeline.sources import Item, Source, reader_only
 from facepipe.quality import inter_ocular_distance, landmark_yaw, laplacian_sharpness
 from facepipe.types import Face
 
@@ -404,12 +404,6 @@ class AlignSummary:
         )
 
 
-def _reader_only(source: Source) -> Source:
-    """What workers need of the source: ``read(item)``. A file source's ``read`` uses only the item's path, so its
-    list of every input path (hundreds of MB for millions of images) stays in this process."""
-    if isinstance(source, FileSource):
-        return FileSource([], source.root, source.description)
-    return source
 
 
 class AlignJob:
@@ -560,7 +554,7 @@ class AlignJob:
             onnx_model = exported_retinaface(self.config, self.store.staging_dir, device)
         except Exception:  # noqa: BLE001 - e.g. bad weights: the worker builds the detector and reports it
             onnx_model = None
-        return AlignWorker(replace(self.config, device=device), _reader_only(self.source), onnx_model)
+        return AlignWorker(replace(self.config, device=device), reader_only(self.source), onnx_model)
 
     def failed(self, batch: Sequence[Item], reason: str) -> pa.Table:
         return results_to_table([_failed(item, reason) for item in batch])

@@ -88,6 +88,14 @@ class FileSource:
         return read_image_bytes(os_path_of(item.source))
 
 
+def reader_only(source: Source) -> Source:
+    """What a worker needs of a source: ``read(item)``. A file source's ``read`` uses only the item's path, so its
+    list of every input (hundreds of MB for millions of images) stays in the driver process."""
+    if isinstance(source, FileSource):
+        return FileSource([], source.root, source.description)
+    return source
+
+
 def directory_source(root: str | os.PathLike) -> FileSource:
     """Every image under ``root`` (jpg, png, bmp, webp, tif; recursive, sorted; broken symlinks included so they
     are reported)."""

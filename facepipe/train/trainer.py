@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from facepipe.detection.priors import prior_boxes
 from facepipe.io.atomic import atomic_path, atomic_write_text
+from facepipe.io.files import first_line
 from facepipe.models.checkpoint import CheckpointError, load_state_dict_strict, read_state_dict
 from facepipe.models.retinaface import MNET025_SPEC, R50_SPEC, RetinaFace, load_retinaface_weights
 from facepipe.train.augment import EvalTransform, TrainAugment
@@ -197,7 +198,7 @@ class Trainer:
             state = torch.load(path, map_location="cpu", weights_only=True)
             saved_backbone = state["config"]["backbone"]
         except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... on a damaged file
-            raise CheckpointError(f"{path} is not a readable resume file ({_first_line(exc)}): start a new run") from None
+            raise CheckpointError(f"{path} is not a readable resume file ({first_line(exc)}): start a new run") from None
         if saved_backbone != self.config.backbone:
             raise CheckpointError(f"{path} was trained with backbone {saved_backbone}, not {self.config.backbone}")
         try:
@@ -210,7 +211,7 @@ class Trainer:
             if self.device.type == "cuda" and "cuda_rng" in state:
                 torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         except Exception as exc:  # missing keys, mis-shaped tensors, wrong types: the file does not fit this run
-            raise CheckpointError(f"{path} does not fit this run ({_first_line(exc)})") from None
+            raise CheckpointError(f"{path} does not fit this run ({first_line(exc)})") from None
 
     def _save_resume(self, next_epoch: int) -> None:
         state = {
@@ -324,8 +325,3 @@ class Trainer:
             if new:
                 writer.writeheader()
             writer.writerow(means)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
