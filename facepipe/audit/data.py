@@ -61,15 +61,16 @@ def load_embedding_folder(emb_dir: str | Path, name: str | None = None) -> Embed
         manifest = read_manifest(emb_dir)
     except EmbeddingStoreError as exc:
         raise AuditInputError(str(exc)) from None
-    dim = int(run.get("embedding_size") or 0)
-    dtype = np.float16 if len(manifest) * dim * 4 > FLOAT16_ABOVE_BYTES else np.float32
-    vectors = np.empty((len(manifest), dim), dtype=dtype)
+    vectors: np.ndarray | None = None  # allocated at the first shard, whose width is the embedding size
     paths: list[str] = []
     identities: list[str] = []
     filled = 0
     skipped = {"error_rows": 0, "non_finite": 0, "zero_vectors": 0}
-    for matrix, rows in iter_shards(emb_dir):
+    for matrix, rows in iter_shards(emb_dir, manifest=manifest):
         matrix = np.asarray(matrix, dtype=np.float32)
+        if vectors is None:
+            dtype = np.float16 if len(manifest) * matrix.shape[1] * 4 > FLOAT16_ABOVE_BYTES else np.float32
+            vectors = np.empty((len(manifest), matrix.shape[1]), dtype=dtype)
         ok = (rows["status"] == "ok").to_numpy()
         skipped["error_rows"] += int((~ok).sum())
         finite = np.isfinite(matrix).all(axis=1)
@@ -79,17 +80,16 @@ def load_embedding_folder(emb_dir: str | Path, name: str | None = None) -> Embed
         skipped["zero_vectors"] += int((ok & finite & ~nonzero).sum())
         good = ok & finite & nonzero
         n = int(good.sum())
-        vectors[filled : filled + n] = (matrix[good] / norms[good, None]).astype(dtype)
+        vectors[filled : filled + n] = (matrix[good] / norms[good, None]).astype(vectors.dtype)
         paths.extend(rows["path"][good].tolist())
         identities.extend(rows["identity"][good].tolist())
         filled += n
-    vectors = vectors[:filled]
-    if filled == 0:
+    if filled == 0 or vectors is None:
         raise AuditInputError(f"{emb_dir}: no usable embeddings ({skipped})")
     names, codes = np.unique(np.array(identities, dtype=object), return_inverse=True)
     return EmbeddingSet(
         name or emb_dir.name,
-        vectors,
+        vectors[:filled],
         paths,
         codes.astype(np.int64),
         [str(n) for n in names],
@@ -118,11 +118,12 @@ def load_bin_set(bin_path: str | Path, model: dict[str, Any], device: str = "cpu
     return EmbeddingSet(bin_path.name, vectors, paths, np.full(len(vectors), -1, np.int64), [], dict(model, embedding_size=raw.shape[1]))
 
 
-def check_same_model(train: EmbeddingSet, other: EmbeddingSet) -> None:
-    """Refuse (one line) sets embedded with another model or dimension: their cosines mean nothing together."""
+def check_same_model(train: EmbeddingSet, other: EmbeddingSet, role: str = "training set") -> None:
+    """Refuse (one line) sets embedded with another model or dimension: their cosines mean nothing together.
+    ``role`` names ``train`` in the message (the audit's training set, identification's gallery)."""
     if train.vectors.shape[1] != other.vectors.shape[1]:
         raise AuditInputError(
-            f"{other.name}: {other.vectors.shape[1]}-d embeddings, the training set's are {train.vectors.shape[1]}-d (another model)"
+            f"{other.name}: {other.vectors.shape[1]}-d embeddings, the {role}'s are {train.vectors.shape[1]}-d (another model)"
         )
     differ = [k for k in ("model", "weights", "flip") if train.model.get(k) != other.model.get(k)]
     if differ:

@@ -596,11 +596,14 @@ def _shard_matrix(emb_dir: Path, shard: int, mmap: bool) -> np.ndarray:
         raise EmbeddingStoreError(f"{emb_dir}: shard {shard} is unreadable ({exc})") from None
 
 
-def iter_shards(emb_dir: str | os.PathLike, mmap: bool = True) -> Iterator[tuple[np.ndarray, pd.DataFrame]]:
+def iter_shards(
+    emb_dir: str | os.PathLike, mmap: bool = True, manifest: pd.DataFrame | None = None
+) -> Iterator[tuple[np.ndarray, pd.DataFrame]]:
     """``(matrix, manifest rows)`` shard by shard, matrix row i = rows' row i (taken by ``row``; a shard all of whose
-    rows are listed, in order, comes memory-mapped): galleries far larger than memory stream through this."""
+    rows are listed, in order, comes memory-mapped): galleries far larger than memory stream through this.
+    ``manifest``: the folder's manifest when the caller has read it already."""
     emb_dir = Path(emb_dir)
-    manifest = read_manifest(emb_dir)
+    manifest = read_manifest(emb_dir) if manifest is None else manifest
     for shard, rows in manifest.groupby("shard", sort=True):
         matrix = _shard_matrix(emb_dir, int(shard), mmap)
         take = rows["row"].to_numpy()
@@ -616,7 +619,7 @@ def load_embeddings(emb_dir: str | os.PathLike, mmap: bool = True) -> tuple[np.n
     holds them all, in order)."""
     emb_dir = Path(emb_dir)
     manifest = read_manifest(emb_dir)
-    shards = list(iter_shards(emb_dir, mmap=mmap))
+    shards = list(iter_shards(emb_dir, mmap=mmap, manifest=manifest))
     if not shards:
         run = json.loads((emb_dir / RUN_FILE).read_text()) if (emb_dir / RUN_FILE).is_file() else {}
         return np.zeros((0, int(run.get("embedding_size", 0))), dtype=np.float32), manifest

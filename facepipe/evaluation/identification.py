@@ -11,7 +11,8 @@ Protocol (the definitions of ``facepipe.evaluation.ijbc_1n``, on facepipe embedd
 * **CMC** at ranks 1, 5, 10, 20 over mated searches; **TPIR at FPIR** 0.01 and 0.1 with the NIST thresholds
   (``ijbc_1n.tpir_at_fpir``), non-mated scores = each non-mated search's best template score.
 
-Rows that are not ``ok`` and zero vectors are left out and counted.
+Rows that are not ``ok``, non-finite and zero vectors are left out and counted; a probe or non-mated folder made
+with another model, weights or dimension than the gallery is refused (``facepipe.audit.data.check_same_model``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from facepipe.audit.data import AuditInputError, EmbeddingSet, check_same_model, load_embedding_folder
 from facepipe.embedding.base import l2_normalize
 from facepipe.evaluation.ijbc_1n import RANKS, Searches, cmc, tpir_at_fpir
 
@@ -30,31 +32,22 @@ class IdentificationInputError(ValueError):
     """A folder is not an embedding folder, is empty, or was made with another model."""
 
 
-@dataclass
-class FolderSet:
-    vectors: np.ndarray  # (N, D) float32 unit rows
-    identities: np.ndarray  # (N,) object
-    skipped: int
-
-
-def load_set(emb_dir: str | Path) -> FolderSet:
-    """The usable rows of an embedding folder, normalised."""
-    from facepipe.embedding.store import EmbeddingStoreError, load_embeddings
-
+def load_set(emb_dir: str | Path) -> EmbeddingSet:
+    """The usable rows of an embedding folder, normalised (the audit's loader: error rows, non-finite and zero
+    vectors are skipped and counted)."""
     try:
-        matrix, manifest = load_embeddings(emb_dir)
-    except EmbeddingStoreError as exc:
+        return load_embedding_folder(emb_dir, name=str(emb_dir))
+    except AuditInputError as exc:
         raise IdentificationInputError(str(exc)) from None
-    matrix = np.asarray(matrix, dtype=np.float32)
-    ok = (manifest["status"] == "ok").to_numpy() & np.isfinite(matrix).all(axis=1) & (np.abs(matrix).sum(axis=1) > 0)
-    if not ok.any():
-        raise IdentificationInputError(f"{emb_dir}: no usable embeddings")
-    return FolderSet(l2_normalize(matrix[ok]).astype(np.float32), manifest["identity"].to_numpy(dtype=object)[ok], int((~ok).sum()))
 
 
-def gallery_templates(gallery: FolderSet) -> tuple[np.ndarray, np.ndarray]:
+def _identities(data: EmbeddingSet) -> np.ndarray:
+    return np.array(data.names, dtype=object)[data.identity]
+
+
+def gallery_templates(gallery: EmbeddingSet) -> tuple[np.ndarray, np.ndarray]:
     """(identities, (I, D) unit templates): the normalised mean embedding of each identity."""
-    names, codes = np.unique(gallery.identities, return_inverse=True)
+    names, codes = np.unique(_identities(gallery), return_inverse=True)
     sums = np.zeros((len(names), gallery.vectors.shape[1]), dtype=np.float64)
     np.add.at(sums, codes, gallery.vectors)
     return names, l2_normalize(sums).astype(np.float32)
@@ -95,17 +88,19 @@ class IdentificationReport:
 def identify(gallery_dir: str | Path, probe_dir: str | Path, non_mated_dir: str | Path | None = None) -> IdentificationReport:
     """The protocol of the module docstring on three embedding folders."""
     gallery, probes = load_set(gallery_dir), load_set(probe_dir)
-    if gallery.vectors.shape[1] != probes.vectors.shape[1]:
-        raise IdentificationInputError(f"{probe_dir}: {probes.vectors.shape[1]}-d embeddings, the gallery's are {gallery.vectors.shape[1]}-d")
+    others = [probes] + ([load_set(non_mated_dir)] if non_mated_dir is not None else [])
+    try:
+        for other in others:  # another model's cosines mean nothing against this gallery
+            check_same_model(gallery, other, role="gallery")
+    except AuditInputError as exc:
+        raise IdentificationInputError(str(exc)) from None
     names, templates = gallery_templates(gallery)
-    vectors, identities, skipped = probes.vectors, probes.identities, probes.skipped + gallery.skipped
+    vectors, identities = np.asarray(probes.vectors, np.float32), _identities(probes)
     if non_mated_dir is not None:
-        extra = load_set(non_mated_dir)
-        if extra.vectors.shape[1] != gallery.vectors.shape[1]:
-            raise IdentificationInputError(f"{non_mated_dir}: another embedding size than the gallery's")
-        vectors = np.concatenate([vectors, extra.vectors])
+        extra = others[1]
+        vectors = np.concatenate([vectors, np.asarray(extra.vectors, np.float32)])
         identities = np.concatenate([identities, np.full(len(extra.vectors), "\0non-mated", dtype=object)])
-        skipped += extra.skipped
+    skipped = sum(sum(data.skipped.values()) for data in [gallery, *others])
     searches = search(vectors, identities, names, templates)
     tpir, thresholds = tpir_at_fpir(searches)
     counts = {"gallery_identities": len(names), "gallery_images": len(gallery.vectors), "mated_searches": int(searches.mated.sum()),
