@@ -75,9 +75,8 @@ def ijbc(
     """
     from facepipe.evaluation.ijbc import ScoreConfig, TemplatePooling, evaluate_cache, parse_configs, write_report
     from facepipe.evaluation.ijbc_1n import evaluate_cache_1n, read_1n_protocol, write_identification_report
-    from facepipe.evaluation.ijbc_features import FeatureCache, FeatureCacheError, FeatureExtractor, IJBFeatureJob
+    from facepipe.evaluation.ijbc_features import FeatureCache, FeatureCacheError, FeatureExtractor, IJBFeatureJob, cache_folder
     from facepipe.evaluation.ijbc_layout import read_ijb_layout
-    from facepipe.io.digest import digest_json
 
     set_threads(threads)
     ray_options = engine_options(engine, ray_address, num_gpus)
@@ -102,7 +101,7 @@ def ijbc(
             precision=precision,
         )
         key = extractor.cache_key(layout)
-        directory = cache_root / f"{target}_{model}_{detector}_{digest_json(key)[:10]}"
+        directory = cache_folder(cache_root, target, model, detector, key)
         try:
             cache = FeatureCache(directory, key, layout.num_images, shard_size)
             job = IJBFeatureJob(layout, cache, extractor, batch_size)

@@ -127,31 +127,32 @@ def _ijbc_quality(root: Path, target: str, model: str, weights: str | None, devi
     points, as `eval ijbc`), templates pooled N1D1F1, per-template quality = the mean of its images'."""
     from facepipe.commands.eval_ijbc import run_feature_job
     from facepipe.evaluation.ijbc import ScoreConfig, TemplatePooling, pool_templates, score_pairs
-    from facepipe.evaluation.ijbc_features import FeatureCache, FeatureCacheError, FeatureExtractor, IJBFeatureJob
+    from facepipe.evaluation.ijbc_features import FeatureCache, FeatureCacheError, FeatureExtractor, IJBFeatureJob, cache_folder
     from facepipe.evaluation.ijbc_layout import read_ijb_layout
     from facepipe.evaluation.quality import error_versus_reject, template_measures
-    from facepipe.io.digest import digest_json
-    from facepipe.quality import inter_ocular_distance, landmark_yaw
+    from facepipe.quality import face_measures
 
     try:
         layout = read_ijb_layout(root, target)
         extractor = FeatureExtractor(model=model, weights=weights, device=device)
         key = extractor.cache_key(layout)
-        folder = Path(cache_dir) if cache_dir else out_dir / "feature_cache"
-        cache = FeatureCache(folder / f"{target}_{model}_given_{digest_json(key)[:10]}", key, layout.num_images)
+        cache_root = Path(cache_dir) if cache_dir else out_dir / "feature_cache"
+        cache = FeatureCache(cache_folder(cache_root, target, model, "given", key), key, layout.num_images)
         run_feature_job(IJBFeatureJob(layout, cache, extractor, batch_size), "local")
         pooling = TemplatePooling.build(layout.templates, layout.medias)
         config = ScoreConfig()
-        shards = list(cache.iter_shards())
-        feats = pool_templates(pooling, ((start, f, s) for start, f, s, _ in shards), [config])[config]
+        norms = np.empty(layout.num_images)  # flip-summed embedding norms, filled while the shards stream by
+
+        def shards():
+            for start, features, faceness, _ in cache.iter_shards():
+                norms[start : start + len(features)] = np.linalg.norm(features.sum(axis=1), axis=1)
+                yield start, features, faceness
+
+        feats = pool_templates(pooling, shards(), [config])[config]
         rows1, rows2 = pooling.template_rows(layout.pair_t1), pooling.template_rows(layout.pair_t2)
         scores = score_pairs(feats, rows1, rows2)
-        norms = np.concatenate([np.linalg.norm(f.sum(axis=1), axis=1) for _, f, _, _ in shards])
-        image_measures = {
-            "detector_score": layout.faceness, "embedding_norm": norms,
-            "inter_ocular": inter_ocular_distance(layout.landmarks), "yaw": -np.abs(landmark_yaw(layout.landmarks)),
-        }
-        measures = template_measures(image_measures, pooling.template_rows(layout.templates), pooling.num_templates)
+        image_measures = face_measures(layout.faceness, norms[:, None], layout.landmarks)  # norm of a norm: itself
+        measures = template_measures(image_measures, pooling.template_index, pooling.num_templates)
         report = error_versus_reject(measures, np.stack([rows1, rows2], axis=1), scores, layout.labels.astype(bool),
                                      fmr=fmr, max_reject=max_reject)
     except (ValueError, FileNotFoundError, FeatureCacheError) as exc:

@@ -20,6 +20,7 @@ crop settings (``FeatureExtractor.cache_key``).
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,7 +34,7 @@ from facepipe.engine.job import Unit
 from facepipe.evaluation.ijbc_layout import IJBLayout
 from facepipe.faces import detect_padded
 from facepipe.io.atomic import atomic_path
-from facepipe.io.digest import digest_strings, weights_fingerprint
+from facepipe.io.digest import digest_json, digest_strings, weights_fingerprint
 from facepipe.io.images import ImageDecodeError, read_image
 from facepipe.io.run_state import RunState, RunStateError
 
@@ -258,6 +259,11 @@ class FeatureExtractor:
             "crop_size": self.crop_size,
             "detector_pad": self.detector_pad if self.detector else None,
         }
+
+
+def cache_folder(cache_root: str | os.PathLike, target: str, model: str, detector: str, key: dict[str, Any]) -> Path:
+    """Where the features of one (target, model, detector) and content key live under ``cache_root``."""
+    return Path(cache_root) / f"{target}_{model}_{detector}_{digest_json(key)[:10]}"
 
 
 # ------------------------------------------------------------------------------------------ the job

@@ -41,11 +41,12 @@ DEFAULT_MAX_REJECT = 0.5
 def threshold_at_fmr(scores: np.ndarray, issame: np.ndarray, fmr: float) -> float:
     """The lowest similarity threshold at which at most ``fmr`` of the non-mated pairs score *above* it
     (a pair matches when ``score > threshold``)."""
-    non_mated = np.sort(np.asarray(scores, dtype=np.float64)[~np.asarray(issame, dtype=bool)])
+    from facepipe.index.thresholds import threshold_at_far  # the (floor(fmr n) + 1)-th largest non-mated score
+
+    non_mated = np.asarray(scores, dtype=np.float64)[~np.asarray(issame, dtype=bool)]
     if len(non_mated) == 0:
         raise ValueError("no non-mated pairs: cannot set a threshold at a false match rate")
-    allowed = int(np.floor(fmr * len(non_mated)))  # non-mated pairs that may score above the threshold
-    return float(non_mated[len(non_mated) - 1 - allowed])
+    return threshold_at_far(non_mated, fmr)
 
 
 def rejection_ranks(quality: np.ndarray) -> np.ndarray:
