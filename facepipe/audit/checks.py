@@ -151,7 +151,7 @@ class Centres:
 def robust_centres(vectors: np.ndarray, identity: np.ndarray, n_identities: int) -> Centres:
     """Centres without the outliers of each identity (module docstring)."""
     first_sums, _ = identity_sums(vectors, identity, n_identities)
-    similarity = row_dots(vectors, identity, unit_rows(first_sums).astype(np.float64))
+    similarity = row_dots(vectors, identity, l2_normalize(first_sums))
     kept = np.zeros(len(vectors), dtype=bool)
     valid = identity >= 0
     order = np.argsort(identity[valid], kind="stable")
@@ -213,7 +213,7 @@ def split_half_similarities(vectors: np.ndarray, identity: np.ndarray, n_identit
     even, _ = identity_sums(vectors, identity, n_identities, (~half).astype(np.float64))
     odd, _ = identity_sums(vectors, identity, n_identities, half.astype(np.float64))
     enough = counts >= 4
-    return np.einsum("ij,ij->i", unit_rows(even[enough]).astype(np.float64), unit_rows(odd[enough]).astype(np.float64))
+    return np.einsum("ij,ij->i", l2_normalize(even[enough]), l2_normalize(odd[enough]))
 
 
 def derive_thresholds(

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from facepipe.commands.common import device_option, resolve_device
+
 
 @click.command()
 @click.argument("emb_dir", metavar="EMB", type=click.Path(exists=True, file_okay=False, path_type=Path))
@@ -20,7 +22,7 @@ import click
               help="Write the training crops without flagged items, one relative path a line (for `facepipe align LIST --root ALIGNED`).")
 @click.option("--keep-overlap", is_flag=True, help="With --write-clean: keep identities that overlap an evaluation set.")
 @click.option("--max-cases", type=click.IntRange(min=1), default=200, show_default=True, help="Flagged cases shown per check in report.html.")
-@click.option("--device", default="cpu", show_default=True, help="For embedding .bin evaluation sets.")
+@device_option
 def audit(emb_dir, out_dir, against, image_threshold, identity_threshold, copy_threshold, write_clean, keep_overlap,
           max_cases, device) -> None:
     """Audit a training set from its embeddings (identity = folder). See facepipe.audit.checks for the rules."""
@@ -29,6 +31,8 @@ def audit(emb_dir, out_dir, against, image_threshold, identity_threshold, copy_t
     from facepipe.audit.run import audit as run_audit
     from facepipe.audit.run import clean_list, write_outputs
     from facepipe.io.atomic import atomic_write_text
+
+    device = resolve_device(device)  # embeds --against .bin sets
 
     try:
         train = load_embedding_folder(emb_dir)

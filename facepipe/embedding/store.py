@@ -62,7 +62,6 @@ RUN_FILE = "run.json"
 SHARDS_DIR = "shards"
 SHARD_PREFIX = "emb"
 ALIGN_MANIFEST_NAME = "manifest.parquet"
-STATUSES = ("ok", "no_face", "error")
 
 # The manifest's columns, defined once: the worker's result columns are these less the four the job assigns
 # (index, shard, row, identity), plus the embedding.
@@ -289,9 +288,6 @@ class EmbeddingStore:
 
     def npy_path(self, shard: int) -> Path:
         return self.shards_dir / f"{SHARD_PREFIX}-{shard:06d}.npy"
-
-    def part_path(self, shard: int) -> Path:
-        return self.state.part_path(shard)
 
     def start(self, settings: dict[str, Any], overwrite: bool = False) -> None:
         """Lock the folder, then resume (same settings), refuse (others), or start over (``overwrite`` deletes the

@@ -70,9 +70,9 @@ class BatchJob(Protocol):
 
 @dataclass
 class JobProgress:
-    """What an engine reports while it runs a job (for the end-of-run summary)."""
+    """What an engine did: units committed (an interrupted run's message counts them), batches retried or given
+    up on."""
 
     units_done: int = 0
-    items_done: int = 0
     retried_batches: int = 0
     failed_batches: list[str] = field(default_factory=list)

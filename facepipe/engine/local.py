@@ -127,7 +127,7 @@ def run_local(job: BatchJob, workers: int = 0, progress: bool = True) -> JobProg
         collector = _Collector(job, units, bar)
         try:
             if workers == 0:
-                _run_in_process(job, units, collector, stop)
+                _run_in_process(job, collector, stop)
             else:
                 _run_in_pool(job, units, workers, collector, stop)
         finally:
@@ -193,11 +193,10 @@ class _Collector:
         self.job.commit(unit, results)  # type: ignore[arg-type] - complete: no None left
         del self.results[task.unit]
         self.progress.units_done += 1
-        self.progress.items_done += unit.items
         return True
 
 
-def _run_in_process(job: BatchJob, units: Sequence[Unit], collector: _Collector, stop: _StopSignals) -> None:
+def _run_in_process(job: BatchJob, collector: _Collector, stop: _StopSignals) -> None:
     worker = job.worker()
     worker.prepare()  # bad weights fail here, before any work
     for task in collector.tasks():

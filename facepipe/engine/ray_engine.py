@@ -182,7 +182,6 @@ def run_ray(job: BatchJob, options: RayOptions = RayOptions(), progress: bool = 
     def commit(u: int, results: list[pa.Table]) -> None:
         job.commit(units[u], results)
         done.units_done += 1
-        done.items_done += units[u].items
 
     with tqdm(total=sum(u.items for u in units), unit="img", desc=job.name, disable=not progress, dynamic_ncols=True) as bar:
         on_batch = _gather_units([u for u, _ in batches], commit, bar)

@@ -99,9 +99,6 @@ class FeatureCache:
         committed = set(self.state.done_parts())
         return [k for k in range(self.num_shards) if k not in committed or not all(p.is_file() for p in self._paths(k))]
 
-    def has_shard(self, index: int) -> bool:
-        return index not in self.missing_shards()
-
     @property
     def complete(self) -> bool:
         return not self.missing_shards()

@@ -156,10 +156,6 @@ class RunState:
         table = self.read_parts(schema)
         return set() if table is None else set(table.column(column).to_pylist())
 
-    def remove_parts(self, part_ids: Collection[int]) -> None:
-        for part_id in part_ids:
-            self.part_path(part_id).unlink(missing_ok=True)
-
     def merge(
         self,
         path: str | os.PathLike,
