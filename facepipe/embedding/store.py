@@ -84,6 +84,7 @@ DETECTION_FIELDS = [  # --detect: where the face came from (original image pixel
     pa.field("inter_ocular", pa.float32()),  # facepipe.quality: eye distance in original pixels
     pa.field("yaw", pa.float32()),  # facepipe.quality: signed yaw estimate from the landmarks, degrees
 ]
+QUALITY_COLUMNS = ("sharpness", "inter_ocular", "yaw")  # added later: read as unknown (NaN) from older folders
 MANIFEST_SCHEMA = pa.schema(MANIFEST_FIELDS)
 DETECTION_MANIFEST_SCHEMA = pa.schema(MANIFEST_FIELDS + DETECTION_FIELDS)
 _ASSIGNED = ("index", "shard", "row", "identity")
@@ -579,9 +580,18 @@ def read_manifest(emb_dir: str | os.PathLike) -> pd.DataFrame:
     path = emb_dir / MANIFEST_NAME
     if not path.is_file():
         raise EmbeddingStoreError(f"{emb_dir} has no {MANIFEST_NAME}: not an embedding folder, or the run did not finish")
-    columns = pq.read_schema(path).names
-    schema = manifest_schema(all(f.name in columns for f in DETECTION_FIELDS))
-    return pq.read_table(path, columns=schema.names).cast(schema).to_pandas()
+    try:
+        columns = pq.read_schema(path).names
+    except (OSError, pa.ArrowException) as exc:
+        raise EmbeddingStoreError(f"{path}: not a readable manifest ({exc})") from None
+    schema = manifest_schema(all(f.name in columns for f in DETECTION_FIELDS if f.name not in QUALITY_COLUMNS))
+    missing = [name for name in schema.names if name not in columns]
+    if set(missing) - set(QUALITY_COLUMNS):
+        raise EmbeddingStoreError(f"{path}: not an embedding manifest (no {', '.join(missing)} column)")
+    table = pq.read_table(path, columns=[name for name in schema.names if name in columns])
+    for name in missing:  # folders embedded before the quality measures were stored: unknown, not lost
+        table = table.append_column(name, pa.nulls(table.num_rows, pa.float32()))
+    return table.select(schema.names).cast(schema).to_pandas()
 
 
 def _shard_matrix(emb_dir: Path, shard: int, mmap: bool) -> np.ndarray:

@@ -214,3 +214,19 @@ def test_overwrite_removes_what_the_old_settings_wrote(tmp_path, aligned):
         f"emb-{i:06d}.{ext}" for i in range(3) for ext in ("npy", "parquet")
     ]
     assert load_embeddings(out)[1]["shard"].tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2]
+
+
+def test_a_manifest_from_before_the_quality_columns_reads_them_as_unknown(tmp_path):
+    import pyarrow.parquet as pq
+
+    from facepipe.embedding.store import read_manifest
+    from tests.index.test_gallery import write_embedding_dir
+
+    folder = write_embedding_dir(tmp_path / "emb", np.eye(3, 8), ["a", "b", "c"])
+    table = pq.read_table(folder / "manifest.parquet")
+    pq.write_table(table.drop(["sharpness"]), folder / "manifest.parquet")  # as written before sharpness existed
+    manifest = read_manifest(folder)
+    assert manifest["sharpness"].isna().all() and manifest["identity"].tolist() == ["a", "b", "c"]
+    pq.write_table(table.drop(["identity"]), folder / "manifest.parquet")
+    with pytest.raises(EmbeddingStoreError, match="not an embedding manifest \\(no identity column\\)"):
+        read_manifest(folder)
