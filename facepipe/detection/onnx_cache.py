@@ -3,8 +3,8 @@
 On CPU the ``retinaface`` detector runs onnxruntime (``backend=auto``), which means exporting the network to ONNX
 when the detector is built: a few seconds per process. ``worker_onnx_model`` exports it once per (weights, torch
 version, network and export code) into ``<cache_dir>/onnx`` and returns the file, which workers then load with
-``create_detector("retinaface-onnx", path)``: same graph, same detections. Later runs find the file without
-importing torch. Jobs ask for it instead of knowing which backend the factory would pick or where the bundled
+``create_detector("retinaface-onnx", path)``: same graph, same detections; later runs find the file instead of
+exporting again. Jobs ask for it instead of knowing which backend the factory would pick or where the bundled
 weights are.
 """
 
@@ -41,7 +41,7 @@ def worker_onnx_model(
     weights = Path(weights) if weights is not None else bundled(BUNDLED_RETINAFACE)
     if weights.suffix.lower() == ".onnx":
         return None  # the workers load it directly
-    code = [Path(importlib.util.find_spec(module).origin).read_bytes().hex() for module in _EXPORT_CODE]  # read, not imported
+    code = [file_fingerprint(importlib.util.find_spec(module).origin) for module in _EXPORT_CODE]  # read, not imported
     key = digest_strings([file_fingerprint(weights), importlib.metadata.version("torch"), importlib.metadata.version("onnx"), *code])
     path = cache_dir() / "onnx" / f"retinaface-mnet0.25-{key[:20]}.onnx"
     if path.is_file():

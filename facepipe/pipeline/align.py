@@ -337,10 +337,9 @@ class AlignWorker:
         sx, sy = decoded.scale
         originals = [face.scaled(sx, sy) for face in faces]
         landmarks = np.stack([np.asarray(face.landmarks, np.float64).reshape(5, 2) for face in originals])
-        for face, original in zip(faces, originals):
-            row.boxes.append([float(v) for v in original.box])
-            row.scores.append(float(face.score))
-            row.landmarks.append(np.asarray(original.landmarks, np.float64).reshape(5, 2).tolist())
+        row.boxes = [[float(v) for v in original.box] for original in originals]
+        row.scores = [float(face.score) for face in faces]
+        row.landmarks = landmarks.tolist()
         row.inter_ocular = inter_ocular_distance(landmarks).tolist()
         row.yaw = landmark_yaw(landmarks).tolist()
         row.sharpness = laplacian_sharpness(crops).tolist()
@@ -376,6 +375,7 @@ class AlignSummary:
     seconds: float
     manifest_path: Path
     removed: int = 0  # inputs gone from the input since an earlier run: their outputs deleted
+    not_kept: tuple[int, int] = (0, 0)  # (faces above --min-score that --keep left out, images holding them)
 
     @property
     def images_per_second(self) -> float:
@@ -383,15 +383,7 @@ class AlignSummary:
 
     def faces_not_kept(self) -> tuple[int, int]:
         """(faces above --min-score that --keep left out, images holding them), counted from the manifest."""
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(self.manifest_path, columns=["status", "num_detected", "outputs"]).to_pydict()
-        left_out = [
-            detected - len(outputs)
-            for status, detected, outputs in zip(table["status"], table["num_detected"], table["outputs"])
-            if status == "ok" and detected > len(outputs)
-        ]
-        return sum(left_out), len(left_out)
+        return self.not_kept
 
     def format(self) -> str:
         counts = ", ".join(f"{status} {n}" for status, n in self.counts.items())
@@ -596,9 +588,16 @@ class AlignJob:
         ]
         self.sink.finish(crops, self.labels)
         self.store.write(table, self.manifest_path)
+        columns = table.select(["status", "num_detected", "outputs"]).to_pydict()
+        left_out = [
+            detected - len(outputs or [])
+            for status, detected, outputs in zip(columns["status"], columns["num_detected"], columns["outputs"])
+            if status == "ok" and detected > len(outputs or [])
+        ]
         return AlignSummary(
-            status_counts(table.column("status").to_pylist()), self.processed, len(self.items) - self.processed,
+            status_counts(columns["status"]), self.processed, len(self.items) - self.processed,
             self.crops_written, time.perf_counter() - self.started, self.manifest_path, self.removed,
+            (sum(left_out), len(left_out)),
         )
 
     # ------------------------------------------------------------------------------------------ lifetime

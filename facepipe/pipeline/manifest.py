@@ -233,9 +233,7 @@ class ManifestStore:
 
     @staticmethod
     def write(table: pa.Table, manifest_path: str | os.PathLike) -> None:
-        manifest_path = Path(manifest_path)
-        manifest_path.parent.mkdir(parents=True, exist_ok=True)
-        write_table_atomic(table, manifest_path)
+        write_table_atomic(table, manifest_path)  # the temporary path creates the folder
 
     def close(self) -> None:
         self.state.close()

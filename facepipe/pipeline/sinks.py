@@ -165,11 +165,8 @@ class DirectorySink:
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = temporary_path(self.staging_dir / f"{chunk_id}-{n}{target.suffix}")
             try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                publish(tmp, target)
+                tmp.write_bytes(data)
+                publish(tmp, target, fsync=True)
             finally:
                 tmp.unlink(missing_ok=True)
 
