@@ -124,7 +124,7 @@ def run_local(job: BatchJob, workers: int = 0, progress: bool = True) -> JobProg
         if not units:
             return JobProgress()
         bar = tqdm(total=sum(u.items for u in units), unit="img", desc=job.name, disable=not progress, dynamic_ncols=True)
-        collector = _Collector(job, units, bar)
+        collector = UnitCollector(job, units, bar)
         try:
             if workers == 0:
                 _run_in_process(job, collector, stop)
@@ -169,8 +169,9 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
-class _Collector:
-    """Results per unit, in batch order; commits a unit when its last batch arrives."""
+class UnitCollector:
+    """Results per unit, in batch order; commits a unit when its last batch arrives (both engines use it:
+    batches finish in any order)."""
 
     def __init__(self, job: BatchJob, units: Sequence[Unit], bar: Any) -> None:
         self.job, self.units, self.bar = job, units, bar
@@ -196,7 +197,7 @@ class _Collector:
         return True
 
 
-def _run_in_process(job: BatchJob, collector: _Collector, stop: _StopSignals) -> None:
+def _run_in_process(job: BatchJob, collector: UnitCollector, stop: _StopSignals) -> None:
     worker = job.worker()
     worker.prepare()  # bad weights fail here, before any work
     for task in collector.tasks():
@@ -205,7 +206,7 @@ def _run_in_process(job: BatchJob, collector: _Collector, stop: _StopSignals) ->
         collector.add(task, worker(task.batch))
 
 
-def _run_in_pool(job: BatchJob, units: Sequence[Unit], workers: int, collector: _Collector, stop: _StopSignals) -> None:
+def _run_in_pool(job: BatchJob, units: Sequence[Unit], workers: int, collector: UnitCollector, stop: _StopSignals) -> None:
     context = _context(job)
     if context.get_start_method() == "forkserver":
         # Boot the server (it imports torch, ~1 s) while job.worker() runs here (align exports its network then).
@@ -234,7 +235,7 @@ def _run_in_pool(job: BatchJob, units: Sequence[Unit], workers: int, collector: 
         pool.close(terminate=stop.signum is not None or bool(todo) or bool(pool.in_flight()))
 
 
-def _after_death(job: BatchJob, died: "_Died", collector: _Collector, open_units: list[int]) -> list[_Task]:
+def _after_death(job: BatchJob, died: "_Died", collector: UnitCollector, open_units: list[int]) -> list[_Task]:
     """The died worker's tasks: the one it was running is charged an attempt (and recorded as failed after
     ``MAX_RETRIES`` retries); the ones queued behind it go back as they were."""
     retry = list(died.untouched)

@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 import pyarrow as pa
 
 from facepipe.engine.job import BatchJob, JobProgress
-from facepipe.engine.local import limit_threads
+from facepipe.engine.local import UnitCollector, limit_threads
 
 RAY_INSTALL_HINT = "the Ray engine needs Ray Data: pip install 'facepipe[ray]'"
 ENGINES = ("local", "ray")
@@ -176,17 +176,13 @@ def run_ray(job: BatchJob, options: RayOptions = RayOptions(), progress: bool = 
     # deaths on the cluster.
     job.worker("cpu").prepare()
     resolved = resolve_actors(ray.cluster_resources(), options)
-    batches = [(u, batch) for u, unit in enumerate(units) for batch in unit.batches]
-    descriptors = [{"batch": b, "payload": pickle.dumps(batch)} for b, (_, batch) in enumerate(batches)]
-
-    def commit(u: int, results: list[pa.Table]) -> None:
-        job.commit(units[u], results)
-        done.units_done += 1
-
     with tqdm(total=sum(u.items for u in units), unit="img", desc=job.name, disable=not progress, dynamic_ncols=True) as bar:
-        on_batch = _gather_units([u for u, _ in batches], commit, bar)
-        _stream(descriptors, _BatchActor, (job.worker(resolved.device), resolved.threads), resolved, options, on_batch)
-    return done
+        collector = UnitCollector(job, units, bar)
+        tasks = list(collector.tasks())
+        descriptors = [{"batch": b, "payload": pickle.dumps(task.batch)} for b, task in enumerate(tasks)]
+        _stream(descriptors, _BatchActor, (job.worker(resolved.device), resolved.threads), resolved, options,
+                lambda batch_id, rows: collector.add(tasks[batch_id], rows))
+    return collector.progress
 
 
 def _stream(
@@ -266,28 +262,6 @@ def _stream_once(
                 on_batch(batch_id, pa.concat_tables(partial.pop(batch_id)))
             elif received[batch_id] > expected:
                 raise RuntimeError(f"batch {batch_id}: {received[batch_id]} result rows for {expected}")
-
-
-def _gather_units(
-    unit_of_batch: Sequence[int], on_unit: Callable[[int, list[pa.Table]], None], bar: Any
-) -> Callable[[int, pa.Table], None]:
-    """A per-batch callback that buffers batch results and calls ``on_unit(unit, tables)`` once every batch of that
-    unit has arrived, with the tables in batch order (batches finish in any order on Ray)."""
-    remaining: dict[int, int] = defaultdict(int)
-    for unit in unit_of_batch:
-        remaining[unit] += 1
-    pending: dict[int, dict[int, pa.Table]] = defaultdict(dict)
-
-    def on_batch(batch_id: int, rows: pa.Table) -> None:
-        unit = unit_of_batch[batch_id]
-        pending[unit][batch_id] = rows
-        bar.update(rows.num_rows)
-        remaining[unit] -= 1
-        if not remaining[unit]:
-            parts = pending.pop(unit)
-            on_unit(unit, [parts[b] for b in sorted(parts)])
-
-    return on_batch
 
 
 __all__: Sequence[str] = (
