@@ -169,9 +169,8 @@ def run_ray(job: BatchJob, options: RayOptions = RayOptions(), progress: bool = 
 
     ray = init_ray(options)
     units = job.pending()
-    done = JobProgress()
     if not units:
-        return done
+        return JobProgress()
     # Build the model here first, on CPU: bad weights fail now with the local engine's error instead of as actor
     # deaths on the cluster.
     job.worker("cpu").prepare()
