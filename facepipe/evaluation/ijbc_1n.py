@@ -44,7 +44,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from facepipe.evaluation.ijbc import ScoreConfig, TemplatePooling, pool_templates
+from facepipe.evaluation.ijbc import ReportError, ScoreConfig, TemplatePooling, pool_templates
 from facepipe.evaluation.ijbc_features import FeatureCache
 from facepipe.evaluation.ijbc_layout import IJBLayout, IJBMetaError
 from facepipe.evaluation.metrics import markdown_table
@@ -248,11 +248,11 @@ def write_identification_report(results: Sequence[IdentificationResult], output_
         try:
             stored = list(json.loads(paths["json"].read_text(encoding="utf-8")))
         except (OSError, ValueError) as error:
-            raise IJBMetaError(f"{paths['json']} is damaged ({error}); remove it to start the table afresh") from None
+            raise ReportError(f"{paths['json']} is damaged ({error}); remove it to start the table afresh") from None
     latest = [r.to_json() for r in results]
     targets = {e.get("config", {}).get("target") for e in [*stored, *latest]} - {None}
     if len(targets) > 1:
-        raise IJBMetaError(f"{output_dir} holds 1:N results of {', '.join(sorted(targets))}; use one output folder per target")
+        raise ReportError(f"{output_dir} holds 1:N results of {', '.join(sorted(targets))}; use one output folder per target")
     names = {entry["name"] for entry in latest}
     entries = [*latest, *(e for e in stored if e.get("name") not in names)]
     atomic_write_text(paths["json"], json.dumps(entries, indent=1))

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from facepipe.evaluation.ijbc_1n import GALLERY_FILES, protocol_paths
 from facepipe.faces import choose_faces, detect_padded
 from facepipe.io.atomic import atomic_path
 from facepipe.io.images import read_image
@@ -152,16 +153,17 @@ def _write_1n_files(
     images_of: dict[int, list[str]] = {}
     for name, (_, template, _, _) in zip(names, rows):
         images_of.setdefault(template, []).append(name)
-    first, second = ("G1", "G2") if target == "IJBC" else ("S1", "S2")
+    paths = protocol_paths(meta.parent, target)  # the reader's names, so the two cannot drift apart
+    first, second = GALLERY_FILES[target]
     sets = {
-        f"{target.lower()}_1N_gallery_{first}.csv": [(t, s) for t, s in gallery if s % 2 == 0],
-        f"{target.lower()}_1N_gallery_{second}.csv": [(t, s) for t, s in gallery if s % 2 == 1],
-        f"{target.lower()}_1N_probe_mixed.csv": probes,
+        paths[first]: [(t, s) for t, s in gallery if s % 2 == 0],
+        paths[second]: [(t, s) for t, s in gallery if s % 2 == 1],
+        paths["probe"]: probes,
     }
-    for file_name, templates in sets.items():
+    for path, templates in sets.items():
         lines = ["TEMPLATE_ID,SUBJECT_ID,FILENAME"]
         lines += [f"{t},{s + 1},{image}" for t, s in templates for image in images_of[t]]
-        _write_lines(meta / file_name, lines)
+        _write_lines(path, lines)
 
 
 def _write_lines(path: Path, lines) -> None:

@@ -11,7 +11,6 @@ threshold is never shown for weights it was not measured with.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from facepipe.io.digest import file_fingerprint
 
 THRESHOLDS_FILE = Path(__file__).with_name("thresholds.json")
 CALIBRATE_HINT = (
@@ -50,11 +51,7 @@ def weights_key(model: str, weights: str | os.PathLike | None) -> str:
     """``model`` for its bundled weights, ``sha256:<hex>`` of the weights file otherwise."""
     if weights is None or str(weights) == "bundled":
         return model
-    digest = hashlib.sha256()
-    with open(weights, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
+    return f"sha256:{file_fingerprint(weights)}"
 
 
 @lru_cache(maxsize=1)
