@@ -122,7 +122,7 @@ def run_ours(work: Path, config: ijbc.ScoreConfig) -> dict:
     times = {}
     t0 = time.perf_counter()
     pooling = ijbc.TemplatePooling.build(data["templates"], data["medias"])
-    feats = ijbc.pool_templates(pooling, ((s, f, sc) for s, f, sc, _ in cache.iter_shards()), [config])[config]
+    feats = ijbc.pool_templates(pooling, cache.iter_shards(), [config])[config]
     times["pool"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     scores = ijbc.score_pairs(feats, pooling.template_rows(data["t1"]), pooling.template_rows(data["t2"]))
@@ -212,7 +212,7 @@ def run_ours_1n(work: Path, config: ijbc.ScoreConfig) -> dict:
     galleries, probes = template_sets(work)
     t0 = time.perf_counter()
     pooling = ijbc.TemplatePooling.build(data["templates"], data["medias"])
-    feats = ijbc.pool_templates(pooling, ((s, f, sc) for s, f, sc, _ in cache.iter_shards()), [config])[config]
+    feats = ijbc.pool_templates(pooling, cache.iter_shards(), [config])[config]
     pooled = time.perf_counter() - t0
     results = ijbc_1n.evaluate_identification(feats, pooling, galleries, probes, f"facepipe {config.code}")
     total = time.perf_counter() - t0

@@ -126,12 +126,13 @@ class TemplatePooling:
 
 def pool_templates(
     pooling: TemplatePooling,
-    shards: Iterable[tuple[int, np.ndarray, np.ndarray]],
+    shards: Iterable[tuple[Any, ...]],
     configs: Sequence[ScoreConfig],
 ) -> dict[ScoreConfig, np.ndarray]:
-    """Stream ``(start, features (n,2,D), scores (n,))`` shards once; return L2-normalised (T, D) float64 per config."""
+    """Stream ``(start, features (n,2,D), scores (n,)[, flags])`` shards once (``FeatureCache.iter_shards`` as it
+    is); return L2-normalised (T, D) float64 per config."""
     sums: dict[ScoreConfig, np.ndarray] = {}
-    for start, features, scores in shards:
+    for start, features, scores, *_ in shards:
         for config in configs:
             if config not in sums:
                 sums[config] = np.zeros((pooling.num_templates, features.shape[-1]), dtype=np.float64)
@@ -211,7 +212,7 @@ def evaluate_cache(
 ) -> list[ConfigResult]:
     """Pool, score and evaluate every configuration from one pass over the cache."""
     pooling = pooling or TemplatePooling.build(layout.templates, layout.medias)
-    shards = ((start, f, s) for start, f, s, _ in tqdm(cache.iter_shards(), total=cache.num_shards, desc="pooling", unit="shard", disable=not progress))
+    shards = tqdm(cache.iter_shards(), total=cache.num_shards, desc="pooling", unit="shard", disable=not progress)
     template_feats = pool_templates(pooling, shards, configs)
     rows1 = pooling.template_rows(layout.pair_t1)
     rows2 = pooling.template_rows(layout.pair_t2)

@@ -217,7 +217,7 @@ def evaluate_cache_1n(
 ) -> list[IdentificationResult]:
     """Pool the cache's features once per configuration (as the 1:1 protocol) and run the searches."""
     pooling = pooling or TemplatePooling.build(layout.templates, layout.medias)
-    template_feats = pool_templates(pooling, ((start, f, s) for start, f, s, _ in cache.iter_shards()), configs)
+    template_feats = pool_templates(pooling, cache.iter_shards(), configs)
     results = []
     for config in configs:
         described = {"method": method, "code": config.code, "target": layout.target, **cache.key, **(extra_config or {})}

@@ -92,5 +92,5 @@ def _pair_scores(cache_root, layout):
     cache = FeatureCache(folder, stored["key"], stored["num_images"])
     pooling = TemplatePooling.build(layout.templates, layout.medias)
     config = ScoreConfig()
-    feats = pool_templates(pooling, ((s, f, sc) for s, f, sc, _ in cache.iter_shards()), [config])[config]
+    feats = pool_templates(pooling, cache.iter_shards(), [config])[config]
     return score_pairs(feats, pooling.template_rows(layout.pair_t1), pooling.template_rows(layout.pair_t2))
