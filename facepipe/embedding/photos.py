@@ -36,7 +36,6 @@ from facepipe.embedding.store import (
     run_settings,
 )
 from facepipe.faces import KEEP_MODES, choose_faces, detect_padded
-from facepipe.io.images import ImageDecodeError, decode_image_bounded
 from facepipe.pipeline.sources import Item, Source, open_source, reader_only
 from facepipe.types import Face
 
@@ -71,14 +70,6 @@ class DetectSpec:
             detect_max_side=self.detect_max_side, detector=self.detector, detector_weights=self.detector_weights,
             detector_options=dict(self.detector_options), device=device,
         )
-
-
-@dataclass
-class _Photo:
-    key: str
-    image: np.ndarray | None
-    scale: tuple[float, float] = (1.0, 1.0)
-    error: str = ""
 
 
 class FaceEmbedder:
@@ -134,45 +125,38 @@ class FaceEmbedder:
     def prepare(self) -> None:
         _ = self.embedder, self.detector
 
-    def _decode(self, item: Item) -> _Photo:
-        try:
-            image, scale = decode_image_bounded(self.source.read(item), self.detect.max_pixels)
-            return _Photo(item.key, image, scale)
-        except ImageDecodeError as exc:
-            return _Photo(item.key, None, error=str(exc))
-        except (OSError, ValueError, KeyError) as exc:
-            return _Photo(item.key, None, error=f"cannot read: {exc}")
-
     def __call__(self, batch: Sequence[Item]) -> pa.Table:
         """One batch; an unexpected failure is retried photo by photo so that only its photo becomes an error."""
         try:
-            return self._embed_photos([self._decode(item) for item in batch])
+            from facepipe.pipeline.align import decode_item  # align's own reading and bounded decoding
+
+            return self._embed_photos(batch, [decode_item(self.source, item, self.detect.max_pixels) for item in batch])
         except Exception as exc:  # noqa: BLE001 - recorded in the manifest, the run goes on
             if len(batch) == 1:
                 return self._rows([(batch[0].key, None, "error", f"processing failed: {type(exc).__name__}: {exc}")], [])
         return pa.concat_tables([self([item]) for item in batch])
 
-    def _embed_photos(self, photos: list[_Photo]) -> pa.Table:
+    def _embed_photos(self, items: Sequence[Item], photos: Sequence[Any]) -> pa.Table:
         decoded = [photo.image for photo in photos if photo.image is not None]
         detections = iter(detect_padded(self.detector, decoded, self.detect.pad_ratio))  # in the photos' order
         rows: list[tuple[str, Face | None, str, str]] = []  # (photo key, face in photo pixels, status, reason)
         crops: list[np.ndarray] = []
-        for photo in photos:
+        for item, photo in zip(items, photos):
             if photo.image is None:
-                rows.append((photo.key, None, "error", photo.error))
+                rows.append((item.key, None, "error", photo.error))
                 continue
             faces = choose_faces(next(detections), photo.image.shape, self.detect.keep, self.detect.min_score)
             if not faces:
-                rows.append((photo.key, None, "no_face", "no face detected"))
+                rows.append((item.key, None, "no_face", "no face detected"))
                 continue
             matrices = estimate_norm(np.stack([face.landmarks for face in faces]), self.crop_size)
             finite = np.isfinite(matrices).all(axis=(1, 2))  # coincident landmarks have no similarity transform
             if not finite.any():
-                rows.append((photo.key, None, "error", "degenerate landmarks (all points coincide): cannot align"))
+                rows.append((item.key, None, "error", "degenerate landmarks (all points coincide): cannot align"))
                 continue
             crops.extend(warp_crops(photo.image, matrices[finite], self.crop_size))
             sx, sy = photo.scale
-            rows.extend((photo.key, face.scaled(sx, sy), "ok", "") for face, ok in zip(faces, finite) if ok)
+            rows.extend((item.key, face.scaled(sx, sy), "ok", "") for face, ok in zip(faces, finite) if ok)
         return self._rows(rows, crops)
 
     def _rows(self, rows: list[tuple[str, Face | None, str, str]], crops: list[np.ndarray]) -> pa.Table:

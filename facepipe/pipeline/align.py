@@ -230,6 +230,17 @@ class Decoded:
     error: str = ""
 
 
+def decode_item(source: Source, item: Item, max_pixels: int) -> Decoded:
+    """An item read from its source and decoded within ``max_pixels`` (JPEGs over it at 1/2..1/8 size), or why not."""
+    try:
+        image, scale = decode_image_bounded(source.read(item), max_pixels)
+        return Decoded(image, scale)
+    except ImageDecodeError as exc:
+        return Decoded(None, error=str(exc))
+    except (OSError, ValueError, KeyError) as exc:
+        return Decoded(None, error=f"cannot read: {exc}")
+
+
 class AlignWorker:
     """Processes batches of items (``__call__``: an Arrow table of ``ALIGN_RESULT_SCHEMA``). Built from picklable
     parts; the detector is created on first use (in the process that uses it) or by ``prepare``."""
@@ -288,13 +299,7 @@ class AlignWorker:
         return results
 
     def _decode(self, item: Item) -> Decoded:
-        try:
-            image, scale = decode_image_bounded(self.source.read(item), self.config.max_pixels)
-            return Decoded(image, scale)
-        except ImageDecodeError as exc:
-            return Decoded(None, error=str(exc))
-        except (OSError, ValueError, KeyError) as exc:
-            return Decoded(None, error=f"cannot read: {exc}")
+        return decode_item(self.source, item, self.config.max_pixels)
 
     def _faces_for(self, items: Sequence[Item], decoded: Sequence[Decoded], rows: Sequence[ManifestRow]) -> dict[int, list[Face]]:
         """The kept faces of each decoded item (by position), in the decoded image's pixels."""
