@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import io
 import re
 import struct
 from dataclasses import dataclass
@@ -155,7 +156,7 @@ def read_index(idx_path: str | os.PathLike, rec_size: int | None = None) -> dict
         raise RecordIOError(f"{idx_path}: {exc}") from None
     except UnicodeDecodeError as exc:
         raise RecordIOError(f"{idx_path}: not an ASCII index (byte at offset {exc.start})") from None
-    for line_no, line in enumerate(text.splitlines(), 1):
+    for line_no, line in enumerate(io.StringIO(text), 1):  # lazily: no list of every line of a large index
         line = line.strip()
         if not line:
             continue
