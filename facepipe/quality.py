@@ -16,9 +16,6 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-MEASURES = ("detector_score", "embedding_norm", "inter_ocular", "yaw", "sharpness")
-
-
 def inter_ocular_distance(landmarks: np.ndarray) -> np.ndarray:
     """Eye-to-eye distance of ``(N, 5, 2)`` landmarks (image order: image-left eye first), in their pixels."""
     landmarks = np.asarray(landmarks, dtype=np.float64)

@@ -28,9 +28,7 @@ from typing import Mapping
 
 import numpy as np
 
-from facepipe.quality import MEASURES, face_measures, inter_ocular_distance, landmark_yaw, laplacian_sharpness
-
-__all__ = ["MEASURES", "face_measures", "inter_ocular_distance", "landmark_yaw", "laplacian_sharpness"]
+from facepipe.quality import face_measures
 DEFAULT_FMR = 1e-3
 DEFAULT_MAX_REJECT = 0.5
 

@@ -5,13 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from facepipe.evaluation.quality import (
-    error_versus_reject,
-    inter_ocular_distance,
-    landmark_yaw,
-    laplacian_sharpness,
-    threshold_at_fmr,
-)
+from facepipe.evaluation.quality import error_versus_reject, threshold_at_fmr
+from facepipe.quality import inter_ocular_distance, landmark_yaw, laplacian_sharpness
 
 FRONTAL = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]])
 
