@@ -16,6 +16,10 @@ configurations take turns, so a change of load hits all of them alike.
 
     .venv/bin/python eval/bench_mtcnn.py --runs 5 --threads 1
     .venv/bin/python eval/bench_mtcnn.py --cfp 40 --runs 3      # padded CFP: the compare-detectors workload
+    .venv/bin/python eval/bench_mtcnn.py --cfp 64 --runs 3 --threads 2   # ... with both cores: the issue-17 goal
+
+In ``--cfp`` mode every row takes ``--threads`` cores: the reference as torch intra-op threads (what
+facenet-pytorch gets by default), facepipe's batched row as that many images at once (``MTCNNDetector.workers``).
 
 Figures are only comparable within one run; on a shared, loaded machine they are noisy.
 """
@@ -151,8 +155,11 @@ def bench_cfp(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     images = padded_cfp(args.cfp)
     det = create_mtcnn(order="area")
+    batch = args.cfp_batch
+    batched_name = f"facepipe, {batch}/call"
     configs: dict[str, Callable[[], object]] = {
-        "facepipe": lambda: [det.detect([image]) for image in images],
+        "facepipe, 1/call": lambda: [det.detect([image]) for image in images],
+        batched_name: lambda: [det.detect(images[i:i + batch]) for i in range(0, len(images), batch)],
         "straightforward": lambda: [straightforward_detect(det, image) for image in images],
     }
     reference = facenet_pytorch_detect()
@@ -160,15 +167,20 @@ def bench_cfp(args: argparse.Namespace) -> None:
         configs["facenet-pytorch"] = lambda: [reference(image) for image in images]
     with torch.inference_mode():
         ours = [det.detect_arrays([image])[0] for image in images]
+        batched = [r for i in range(0, len(images), batch) for r in det.detect_arrays(images[i:i + batch])]
         theirs = [straightforward_detect(det, image) for image in images]
         timings = time_round_robin(configs, args.runs, args.warmup)
-    worst = max((np.abs(a[0] - b[0]).max(initial=0) for a, b in zip(ours, theirs) if a[0].shape == b[0].shape), default=0)
-    same = sum(a[0].shape == b[0].shape for a, b in zip(ours, theirs))
-    print(f"{len(images)} padded CFP frontal images, torch threads {args.threads}, median of {args.runs} passes")
-    base = timings["facepipe"]
+    print(f"{len(images)} padded CFP frontal images, torch threads {args.threads} "
+          f"(facepipe's {batch}/call runs its images on {args.threads} threads of 1), median of {args.runs} passes")
+    base = timings["straightforward"]
     for name, seconds in timings.items():
-        print(f"{name:<20}{seconds / 1000:>8.2f} s{len(images) * 1000 / seconds:>8.2f} img/s{seconds / base:>8.2f}x facepipe's time")
-    print(f"same face count on {same}/{len(images)} images, max box difference {worst:.1e} px")
+        print(f"{name:<20}{seconds / 1000:>8.2f} s{len(images) * 1000 / seconds:>8.2f} img/s"
+              f"{base / seconds:>8.2f}x the straightforward cascade")
+    for name, results in (("1/call", ours), (f"{batch}/call", batched)):
+        same = sum(a[0].shape == b[0].shape for a, b in zip(results, theirs))
+        worst = max((np.abs(a[0] - b[0]).max(initial=0) for a, b in zip(results, theirs) if a[0].shape == b[0].shape), default=0)
+        print(f"facepipe {name} vs straightforward: same face count on {same}/{len(images)} images, "
+              f"max box difference {worst:.1e} px")
 
 
 def main() -> None:
@@ -178,6 +190,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=8, help="images per call in the batched configuration")
+    parser.add_argument("--cfp-batch", type=int, default=32, help="images per call in --cfp's batched row "
+                        "(eval cfp / compare-detectors pass 32)")
     parser.add_argument("--cfp", type=int, default=0, metavar="N",
                         help="instead of --image: the first N CFP frontal images with eval cfp's black border (0.25), "
                              "the workload of `facepipe eval compare-detectors`; one image per call")

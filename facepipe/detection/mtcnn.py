@@ -26,6 +26,11 @@ Batching: images of the same size are processed together (``batch_size`` at a ti
 level of several images at once while the level is small (``pnet_pixels_per_pass``), R-Net and O-Net run on
 the crops of all of them together. Images of different sizes are grouped by size.
 
+Threads: the groups of one ``detect`` call are independent, so on CPU they run on ``workers`` threads (default:
+torch's intra-op thread count), each with one intra-op thread. MTCNN's convolutions are too small (3 to 64
+channels) for torch to split one of them well over several cores, while whole images split perfectly; torch's
+kernels and most of the numpy work release the GIL. Results do not depend on ``workers``.
+
 Output order: ``order="score"`` (default, the ``Detector`` protocol) sorts by probability descending;
 ``order="area"`` reproduces facenet-pytorch's ``select_largest=True`` order (box area descending), which the
 parity tests use.
@@ -34,6 +39,7 @@ parity tests use.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
@@ -413,6 +419,7 @@ class MTCNNDetector:
         crop_batch_size: int = 512,
         pnet_pixels_per_pass: int = 2**18,
         edge_padding: EdgePadding = "stretch",
+        workers: int | None = None,
     ) -> None:
         if min_face_size <= 0:
             raise ValueError(f"min_face_size must be positive, got {min_face_size}")
@@ -426,6 +433,8 @@ class MTCNNDetector:
             raise ValueError("batch sizes must be >= 1")
         if edge_padding not in ("stretch", "zero"):
             raise ValueError(f"edge_padding must be 'stretch' or 'zero', got {edge_padding!r}")
+        if workers is not None and workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
         self.device = torch.device(device)
         self.pnet = pnet.eval().to(self.device)
         self.rnet = rnet.eval().to(self.device)
@@ -438,6 +447,7 @@ class MTCNNDetector:
         self.crop_batch_size = crop_batch_size
         self.pnet_pixels_per_pass = pnet_pixels_per_pass
         self.edge_padding: EdgePadding = edge_padding
+        self.workers = workers
         self._blank_probability: float | None = None  # P-Net's face probability for an all-black cell
 
     # -------------------------------------------------------------------------------- public API
@@ -452,12 +462,25 @@ class MTCNNDetector:
         for index, rgb in enumerate(rgbs):
             if rgb.shape[0] > 0 and rgb.shape[1] > 0:
                 by_size.setdefault(rgb.shape[:2], []).append(index)
-        for indices in by_size.values():
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start:start + self.batch_size]
-                for index, faces in zip(chunk, self._detect_same_size([rgbs[i] for i in chunk])):
-                    results[index] = faces
+        chunks = [
+            indices[start:start + self.batch_size]
+            for indices in by_size.values()
+            for start in range(0, len(indices), self.batch_size)
+        ]
+        chunks.sort(key=lambda chunk: -len(chunk) * rgbs[chunk[0]].size)  # largest first: threads finish together
+        for chunk, faces_of_chunk in zip(chunks, self._map_chunks(lambda chunk: [rgbs[i] for i in chunk], chunks)):
+            for index, faces in zip(chunk, faces_of_chunk):
+                results[index] = faces
         return results
+
+    def _map_chunks(self, images_of, chunks: list[list[int]]):
+        """``_detect_same_size`` over ``chunks``, on ``workers`` threads of one intra-op thread each on CPU."""
+        workers = min(len(chunks), self.workers or torch.get_num_threads())
+        if workers <= 1 or self.device.type != "cpu":
+            return [self._detect_same_size(images_of(chunk)) for chunk in chunks]
+        # torch's OpenMP thread count is per calling thread: this leaves the caller's setting alone.
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            return list(pool.map(lambda chunk: self._detect_same_size(images_of(chunk)), chunks))
 
     def detect_arrays(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """``(boxes (N, 4), probs (N,), points (N, 5, 2))`` float32 per image, like facenet-pytorch's ``detect``."""
@@ -683,7 +706,8 @@ def create_mtcnn(weights: str | os.PathLike | None = None, device: str = "cpu", 
     ``order`` ("score" | "area"), ``batch_size`` (images processed together, 8), ``crop_batch_size`` (R/O-Net
     crops per forward pass, 512), ``pnet_pixels_per_pass`` (pyramid-level pixels per P-Net pass, 2**18),
     ``edge_padding`` ("stretch": facenet-pytorch parity | "zero": the original MTCNN, right on faces that fill
-    the frame; see ``crop_windows``).
+    the frame; see ``crop_windows``), ``workers`` (threads for the images of one call on CPU; torch's thread
+    count).
     """
     unknown = sorted(set(options) - _OPTIONS)
     if unknown:
@@ -695,6 +719,6 @@ def create_mtcnn(weights: str | os.PathLike | None = None, device: str = "cpu", 
 _OPTIONS = frozenset(
     {
         "min_face_size", "thresholds", "factor", "order", "batch_size", "crop_batch_size", "pnet_pixels_per_pass",
-        "edge_padding",
+        "edge_padding", "workers",
     }
 )
