@@ -61,6 +61,7 @@ class ImageHeader:
     height: int
     format: str  # Pillow's format name: "JPEG", "PNG", ...
     scan_offset: int | None = None  # JPEG: a byte offset inside the main image's first scan
+    orientation: int = 1  # EXIF orientation 1..8 (1 when absent or invalid)
 
     @property
     def pixels(self) -> int:
@@ -68,8 +69,9 @@ class ImageHeader:
 
 
 def read_header(data: bytes | np.ndarray) -> ImageHeader:
-    """Width, height and format from the header, through Pillow's lazy ``Image.open`` (it parses headers the way
-    the decoders do, e.g. it skips junk bytes before a JPEG frame marker as libjpeg does); no pixel is decoded.
+    """Width, height, format and EXIF orientation from the header, through Pillow's lazy ``Image.open`` (it parses
+    headers the way the decoders do, e.g. it skips junk bytes before a JPEG frame marker as libjpeg does); no
+    pixel is decoded. The header is parsed once per image: decoding uses this record's orientation.
 
     Raises ``ImageDecodeError`` when no decoder recognizes the header.
     """
@@ -87,11 +89,12 @@ def read_header(data: bytes | np.ndarray) -> ImageHeader:
                 # The JPEG plugin stops parsing at the first start-of-scan of the main image (after skipping APPn
                 # segments such as an EXIF thumbnail by their length), so the stream position is in that scan.
                 scan_offset = stream.tell() if jpeg else None
+                orientation = _orientation(im) if b"Exif" in buffer[:65536].tobytes() else 1
     except Exception:  # Pillow raises UnidentifiedImageError, SyntaxError, struct.error... for bad headers
         raise ImageDecodeError("not a decodable image (corrupt, truncated or unsupported format)") from None
     if width < 1 or height < 1:
         raise ImageDecodeError(f"degenerate image size {width}x{height}")
-    return ImageHeader(int(width), int(height), fmt, scan_offset)
+    return ImageHeader(int(width), int(height), fmt, scan_offset, orientation)
 
 
 def image_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
@@ -114,7 +117,7 @@ def decode_image(data: bytes | np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS)
     if header.pixels > max_pixels:
         raise ImageDecodeError(f"image too large: {header.width}x{header.height} > {max_pixels} pixels")
     _check_jpeg_complete(buffer, header)
-    return _decode_full(buffer, max_pixels)
+    return _decode_full(buffer, header, max_pixels)
 
 
 def decode_image_bounded(data: bytes | np.ndarray, max_pixels: int) -> tuple[np.ndarray, tuple[float, float]]:
@@ -127,7 +130,7 @@ def decode_image_bounded(data: bytes | np.ndarray, max_pixels: int) -> tuple[np.
     header = read_header(buffer)
     _check_jpeg_complete(buffer, header)
     if header.pixels <= max_pixels:
-        return _decode_full(buffer, max_pixels), (1.0, 1.0)
+        return _decode_full(buffer, header, max_pixels), (1.0, 1.0)
     width, height = header.width, header.height
     if header.format != "JPEG":
         raise ImageDecodeError(f"image too large: {width}x{height} > {max_pixels} pixels (only JPEGs are decoded reduced)")
@@ -135,10 +138,9 @@ def decode_image_bounded(data: bytes | np.ndarray, max_pixels: int) -> tuple[np.
         if -(-width // factor) * -(-height // factor) <= max_pixels:
             image = _imdecode(buffer, flag | cv2.IMREAD_IGNORE_ORIENTATION)
             scale = (width / image.shape[1], height / image.shape[0])
-            rotated = _apply_exif_orientation(buffer, image)
-            if rotated.shape[:2] != image.shape[:2] or (rotated is not image and exif_orientation(buffer) >= 5):
+            if header.orientation >= 5:
                 scale = (scale[1], scale[0])  # EXIF orientations 5-8 turn by 90 degrees: axes swap
-            return np.ascontiguousarray(rotated), scale
+            return np.ascontiguousarray(_orient(image, header.orientation)), scale
     raise ImageDecodeError(f"image too large: {width}x{height} is over {max_pixels} pixels even at 1/8 size")
 
 
@@ -182,12 +184,12 @@ def _imdecode(buffer: np.ndarray, flags: int) -> np.ndarray:
     return image
 
 
-def _decode_full(buffer: np.ndarray, max_pixels: int) -> np.ndarray:
-    # IMREAD_UNCHANGED keeps 16-bit depth so it can be scaled rather than truncated; IMREAD_ANYCOLOR alone
-    # would skip EXIF orientation, so orientation is applied by a second decode of the header only when present.
+def _decode_full(buffer: np.ndarray, header: ImageHeader, max_pixels: int) -> np.ndarray:
+    # IMREAD_UNCHANGED keeps 16-bit depth so it can be scaled rather than truncated, but it also skips EXIF
+    # orientation: the orientation read with the header is applied here.
     image = _imdecode(buffer, cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH)
     image = _to_bgr_uint8(image)
-    image = _apply_exif_orientation(buffer, image)
+    image = _orient(image, header.orientation)
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise ImageDecodeError(f"degenerate image size {image.shape[1]}x{image.shape[0]}")
     if image.shape[0] * image.shape[1] > max_pixels:
@@ -217,22 +219,16 @@ def _to_bgr_uint8(image: np.ndarray) -> np.ndarray:
 _EXIF_ORIENTATION_TAG = 0x0112
 
 
-def exif_orientation(buffer: np.ndarray) -> int:
-    """EXIF orientation (1..8) of an encoded image, 1 when absent or invalid."""
+def _orientation(im: Image.Image) -> int:
+    """EXIF orientation (1..8) of an opened image, 1 when absent or invalid (a broken EXIF block is not fatal)."""
     try:
-        with Image.open(io.BytesIO(buffer.tobytes())) as im:
-            value = im.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+        value = im.getexif().get(_EXIF_ORIENTATION_TAG, 1)
     except Exception:
         return 1
     return int(value) if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-def _apply_exif_orientation(buffer: np.ndarray, image: np.ndarray) -> np.ndarray:
-    # Only JPEG/TIFF/WebP/PNG can carry EXIF; cheap check for the APP1 "Exif" marker before parsing.
-    head = buffer[:65536].tobytes()
-    if b"Exif" not in head:
-        return image
-    orientation = exif_orientation(buffer)
+def _orient(image: np.ndarray, orientation: int) -> np.ndarray:
     if orientation == 1:
         return image
     transforms = {

@@ -1,3 +1,4 @@
+import io
 import subprocess
 import sys
 
@@ -109,3 +110,19 @@ def test_20000x20000_jpeg_decodes_in_bounded_memory(tmp_path):
     height, width, scale, grown_mb, header_width = out.stdout.split()
     assert (int(height), int(width), float(scale), int(header_width)) == (5000, 5000, 4.0, 20000)
     assert int(grown_mb) < 300, f"decoding grew the process by {grown_mb} MB"
+
+
+def test_exif_orientation_of_a_reduced_decode_swaps_the_scale_with_the_axes(tmp_path):
+    from PIL import Image
+
+    image = np.zeros((40, 81, 3), np.uint8)
+    image[:, :10] = 255  # white band on the left of the stored pixels: on top once turned clockwise
+    pil = Image.fromarray(image)
+    exif = pil.getexif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    pil.save(buffer, format="JPEG", exif=exif, quality=100)
+    reduced, scale = decode_image_bounded(buffer.getvalue(), max_pixels=1000)  # 81x40 > 1000: decoded at 1/2
+    assert reduced.shape == (41, 20, 3)  # stored 41x20 (ceil), turned: 20 wide, 41 high
+    assert scale == (40 / 20, 81 / 41)  # (x, y) of the turned image: x comes from the stored rows
+    assert reduced[:4].mean() > 200 and reduced[-10:].mean() < 50
