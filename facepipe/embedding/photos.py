@@ -202,18 +202,16 @@ def embed_photos(
     out_dir: str | os.PathLike,
     spec: EmbedSpec,
     detect: DetectSpec,
-    device: str = "cpu",
-    batch_size: int = 8,
-    shard_size: int = 50_000,
-    threads: int | None = None,
-    overwrite: bool = False,
+    *,
     progress: bool = True,
     engine: str = "local",
     workers: int | None = 0,
-    **engine_options: Any,
+    options: Any = None,
+    **job_options: Any,
 ) -> EmbedSummary:
-    """``embed_photos_job`` run to the end on an engine (a convenience for scripts and tests)."""
+    """``embed_photos_job(photos, out_dir, spec, detect, **job_options)`` run to the end on an engine (see
+    ``facepipe.engine.run_job``); a convenience for scripts and tests."""
     from facepipe.engine.local import run_job
 
-    with embed_photos_job(photos, out_dir, spec, detect, device, batch_size, shard_size, threads, overwrite) as job:
-        return run_job(job, engine=engine, workers=workers, progress=progress, **engine_options)
+    with embed_photos_job(photos, out_dir, spec, detect, **job_options) as job:
+        return run_job(job, engine=engine, workers=workers, progress=progress, options=options)

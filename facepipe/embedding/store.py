@@ -554,21 +554,19 @@ def embed_directory(
     aligned_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     spec: EmbedSpec,
-    device: str = "cpu",
-    batch_size: int = 64,
-    shard_size: int = 50_000,
-    threads: int | None = None,
-    overwrite: bool = False,
+    *,
     progress: bool = True,
     engine: str = "local",
     workers: int | None = 0,
-    **engine_options: Any,
+    options: Any = None,
+    **job_options: Any,
 ) -> EmbedSummary:
-    """``embed_directory_job`` run to the end on an engine (a convenience for scripts and tests)."""
+    """``embed_directory_job(aligned_dir, out_dir, spec, **job_options)`` run to the end on an engine (see
+    ``facepipe.engine.run_job`` for ``engine``, ``workers``, ``options``); a convenience for scripts and tests."""
     from facepipe.engine.local import run_job
 
-    with embed_directory_job(aligned_dir, out_dir, spec, device, batch_size, shard_size, threads, overwrite) as job:
-        return run_job(job, engine=engine, workers=workers, progress=progress, **engine_options)
+    with embed_directory_job(aligned_dir, out_dir, spec, **job_options) as job:
+        return run_job(job, engine=engine, workers=workers, progress=progress, options=options)
 
 
 # ---------------------------------------------------------------------------------------------- reading
