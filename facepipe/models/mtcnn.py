@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from facepipe.models.checkpoint import StateDict, load_weights
@@ -59,6 +60,17 @@ def _flatten_like_reference(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 3, 2, 1).contiguous().flatten(1)
 
 
+def _max_pool_2x2_ceil(x: torch.Tensor) -> torch.Tensor:
+    """``MaxPool2d(2, 2, ceil_mode=True)`` as the maximum of four strided views (an odd last row or column is
+    padded with -inf, so its windows hold only the real pixels). Maxima are exact, so the result is identical;
+    on the channels-last 10-channel tensors P-Net pools, torch's pooling kernel is about 2x slower (measured)."""
+    height, width = x.shape[-2:]
+    if height % 2 or width % 2:
+        x = F.pad(x, (0, width % 2, 0, height % 2), value=float("-inf"))
+    top = torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2])
+    return torch.maximum(top, torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2]))
+
+
 class PNet(nn.Module):
     """Proposal net: (N, 3, H, W) -> regression (N, 4, H', W'), face probability (N, H', W')."""
 
@@ -75,7 +87,7 @@ class PNet(nn.Module):
         self.conv4_2 = nn.Conv2d(32, 4, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.pool1(self.prelu1(self.conv1(x)))
+        x = _max_pool_2x2_ceil(self.prelu1(self.conv1(x)))  # = self.pool1(...), bit for bit
         x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))
         return self.conv4_2(x), _face_probability(self.conv4_1(x))
 

@@ -111,3 +111,15 @@ def test_random_init_when_weights_none() -> None:
     model = create_model("mtcnn_pnet", weights=None)
     bundled_state = torch.load(bundled(DEFAULT_WEIGHTS["pnet"]), map_location="cpu", weights_only=True)
     assert not torch.equal(model.state_dict()["conv1.weight"], bundled_state["conv1.weight"])
+
+
+@pytest.mark.parametrize("height, width", [(10, 10), (11, 10), (10, 13), (13, 17), (1, 1), (2, 3)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pnet_pool_is_torchs_ceil_mode_pool_bit_for_bit(height, width, channels_last):
+    from facepipe.models.mtcnn import _max_pool_2x2_ceil
+
+    x = torch.randn(2, 10, height, width, generator=torch.Generator().manual_seed(height * 100 + width)) - 0.5
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    expected = torch.nn.MaxPool2d(2, 2, ceil_mode=True)(x)
+    assert torch.equal(_max_pool_2x2_ceil(x), expected)
