@@ -38,6 +38,7 @@ parity tests use.
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -191,16 +192,31 @@ def _overlapping_pairs(boxes: np.ndarray, plus_one: int) -> tuple[np.ndarray, np
     return pairs_a, pairs_b
 
 
+# Below this many boxes (most NMS calls of a cascade: median 12 on padded CFP) testing every pair is cheaper than
+# finding the pairs that can meet.
+_ALL_PAIRS_MAX_BOXES = 48
+
+
+@functools.cache
+def _all_pairs(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every ``(earlier, later)`` position pair of ``count`` boxes, earlier first, by earlier then later."""
+    earlier, later = np.triu_indices(count, 1)
+    return earlier, later
+
+
 def _greedy_suppression(boxes: np.ndarray, order: np.ndarray, plus_one: int, suppresses) -> np.ndarray:
     """Greedy NMS over ``order``: a box is kept unless an earlier kept box ``suppresses`` it.
 
     Exact and vectorised: ``suppresses(kept_boxes, later_boxes)`` is evaluated pair by pair, with the same float32
-    arithmetic as the one-by-one loop, but only on pairs whose boxes can intersect; the greedy pass then walks
-    the (sparse) suppression edges in order.
+    arithmetic as the one-by-one loop, but only on pairs whose boxes can intersect (on every pair of a few boxes);
+    the greedy pass then walks the (sparse) suppression edges in order.
     """
     ordered = boxes[order]
-    a, b = _overlapping_pairs(ordered, plus_one)
-    earlier, later = np.minimum(a, b), np.maximum(a, b)  # positions in the visiting order
+    if len(order) <= _ALL_PAIRS_MAX_BOXES:
+        earlier, later = _all_pairs(len(order))
+    else:
+        a, b = _overlapping_pairs(ordered, plus_one)
+        earlier, later = np.minimum(a, b), np.maximum(a, b)  # positions in the visiting order
     if earlier.size:
         columns = [np.ascontiguousarray(ordered[:, k]) for k in range(4)]  # 1-D takes are much faster than row gathers
         hit = suppresses([c[earlier] for c in columns], [c[later] for c in columns])

@@ -313,16 +313,17 @@ def _one_by_one_nms(boxes, scores, threshold, min_mode):
     return keep
 
 
+@pytest.mark.parametrize("n", [1500, 40])  # several 256-box blocks; few enough boxes to test every pair
 @pytest.mark.parametrize("min_mode", [False, True])
-def test_blocked_nms_equals_the_one_by_one_loop(min_mode: bool) -> None:
+def test_blocked_nms_equals_the_one_by_one_loop(min_mode: bool, n: int) -> None:
     rng = np.random.default_rng(7)
-    n = 1500  # several 256-box blocks
     xy = rng.uniform(0, 300, (n, 2)).astype(np.float32)
     boxes = np.concatenate([xy, xy + rng.uniform(4, 60, (n, 2)).astype(np.float32)], axis=1)
     boxes[::5] = np.floor(boxes[::5])
-    boxes[1::97] = boxes[0]  # exact duplicates
-    boxes[3::211, 2] = boxes[3::211, 0] - 1  # zero area in the +1 convention (0/0 overlaps: NaN)
-    boxes[4::211, 3] = boxes[4::211, 1]  # zero area without +1
+    duplicate, degenerate = (97, 211) if n > 100 else (9, 13)
+    boxes[1::duplicate] = boxes[0]  # exact duplicates
+    boxes[3::degenerate, 2] = boxes[3::degenerate, 0] - 1  # zero area in the +1 convention (0/0 overlaps: NaN)
+    boxes[4::degenerate, 3] = boxes[4::degenerate, 1]  # zero area without +1
     scores = np.round(rng.uniform(0.5, 1, n), 2).astype(np.float32)  # many exact ties
     for threshold in (0.3, 0.5, 0.7):
         blocked = (nms_min if min_mode else nms)(boxes, scores, threshold)
