@@ -9,7 +9,8 @@ faces (the script prints the largest difference to the first configuration):
 * ``straightforward``: the facenet-pytorch structure re-run with the same networks and NMS - torch
   ``interpolate(mode="area")`` per pyramid level and one ``interpolate`` call per R-Net / O-Net crop, one image
   at a time. This is the path the integral image and the batching replace.
-* ``facenet-pytorch``: the reference package itself, when it is importable (it needs torchvision).
+* ``facenet-pytorch``: the reference package itself, when it is importable (it needs torchvision; on a CPU-only
+  torch, ``bash eval/facenet_pytorch_cpu.sh DIR`` installs it and prints the two variables to set).
 
 Each figure is the median of ``--runs`` timed calls after ``--warmup`` untimed ones, in ms per image; the
 configurations take turns, so a change of load hits all of them alike.
