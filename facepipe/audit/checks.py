@@ -20,7 +20,9 @@ S_a / ‖S_a‖`` its centre.
 * **Overlap with evaluation sets.** Evaluation identities' centres (or, without identities, their images)
   against the training centres. Flagged when ``≥ T_identity`` (centres) or ``≥ T_image`` (images).
 
-**Thresholds come from the data** (each can be overridden):
+**Thresholds come from the data** (each can be overridden; a set that lacks the same-person scores a threshold
+is derived from — no identity with 2 images for ``T_image``, none with 4 for ``T_identity`` — is refused in one
+line naming the override):
 
 * ``T_image``: the equal-density boundary (Bayes with equal priors) between two normal fits with robust
   moments (median, 1.4826 × MAD): same-person image-to-centre scores (all leave-one-out ``score``s) and
@@ -228,12 +230,20 @@ def derive_thresholds(
     overrides = overrides or {}
     how: dict[str, str] = {}
 
+    needs = {  # what a threshold's same-person scores come from, for the one-line refusal when a set has none
+        "image": "no identity has 2 or more usable images",
+        "identity": "no identity has 4 or more usable images (its split-half centres are the same-person pairs)",
+    }
+
     def pick(name: str, derive, rule: str) -> float:
         if overrides.get(name) is not None:
             how[name] = "given"
             return float(overrides[name])
         how[name] = rule
-        return float(derive())
+        try:
+            return float(derive())
+        except ValueError:
+            raise ValueError(f"cannot derive T_{name} from this set: {needs[name]}; give --{name}-threshold") from None
 
     image = pick(
         "image",
