@@ -168,7 +168,11 @@ def load_ijb_set(
         key = extractor.cache_key(layout)
         cache = FeatureCache(cache_folder(cache_root, target, str(model["model"]), "given", key), key, layout.num_images)
         run_feature_job(IJBFeatureJob(layout, cache, extractor, batch_size), "local", progress=progress)
-        shards = list(cache.iter_shards())
+        flip = bool(model.get("flip", True))
+        raw, flags = [], []  # one (n, D) block per shard: the (n, 2, D) pairs are never all in memory
+        for _, features, _, shard_flags in cache.iter_shards():
+            raw.append(features[:, 0] + features[:, 1] if flip else features[:, 0])  # the embedder's flip test sums them
+            flags.append(shard_flags)
     except (ValueError, FileNotFoundError, FeatureCacheError) as exc:  # meta errors, a foreign cache, weights
         raise AuditInputError(f"{root}: {exc}") from None
     if subject_sets is None:
@@ -176,10 +180,7 @@ def load_ijb_set(
     else:
         galleries, probes = subject_sets
         identity_of = {int(t): str(s) for group in (*galleries, probes) for t, s in zip(group.templates, group.subjects)}
-    flip = bool(model.get("flip", True))
-    features = np.concatenate([f for _, f, _, _ in shards])
-    flags = np.concatenate([g for _, _, _, g in shards])
-    raw = features[:, 0] + features[:, 1] if flip else features[:, 0]  # as the embedder's flip test sums them
+    raw, flags = np.concatenate(raw), np.concatenate(flags)
     identities = np.array([identity_of.get(int(t), "") for t in layout.templates], dtype=object)
     finite = np.isfinite(raw).all(axis=1)
     nonzero = np.linalg.norm(np.where(finite[:, None], raw, 0), axis=1) > 0
