@@ -251,7 +251,7 @@ def derive_thresholds(
         try:
             return float(derive())
         except ValueError:
-            raise ValueError(f"cannot derive T_{name} from this set: {needs[name]}; give --{name}-threshold") from None
+            raise ValueError(f"cannot derive T_{name} from this set: {needs.get(name, 'its scores are missing')}; give --{name}-threshold") from None
 
     image = pick(
         "image",
