@@ -12,6 +12,9 @@ precisions: *raw* (every flag not in the truth counts as false) and *injected* (
 unmodified set, ``emb_clean``, raises too are left out: they are CFP's, not ours). Near-duplicates are
 groups: a copy of photo A is also a near-duplicate of CFP's own near-duplicates of A, so a flagged pair that
 joins two members of one group (connected by injected copies and CFP's own flagged pairs) is not a false flag.
+The injection renames what it moves (``<to>/misfiled_<from>_<name>``, ``<id>_alt/<name>``): a flag is matched
+with the clean audit's under the image's name before the move (``original_path``), else a CFP duplicate pair one
+of whose photos was moved by the injection would count as a false flag of the noisy audit only.
 Recall is over the injected faults.
 """
 
@@ -29,6 +32,14 @@ def precision_recall(flagged: set, truth: set) -> tuple[float, float, int, int]:
     precision = hits / len(flagged) if flagged else 1.0
     recall = hits / len(truth) if truth else 1.0
     return precision, recall, len(flagged), len(truth)
+
+
+def original_path(path: str) -> str:
+    """A training crop's path before the faults were injected (the name the clean audit knows it by)."""
+    folder, name = path.rsplit("/", 1)
+    if name.startswith("misfiled_"):
+        folder, name = name.removeprefix("misfiled_").split("_", 1)
+    return f"{folder.removesuffix('_alt')}/{name}"
 
 
 def _groups(pairs: set) -> dict[str, str]:
@@ -74,10 +85,13 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for kind, (name, columns, true) in kinds.items():
         found = flagged(result.tables, name, columns)
-        own = flagged(clean.tables, name, columns) - true
+        rename = original_path if name in ("label_noise", "near_duplicates") else str
+        original = lambda item: frozenset(map(rename, item)) if isinstance(item, frozenset) else rename(item)  # noqa: E731
+        clean_flags = flagged(clean.tables, name, columns)
+        own = {item for item in found - true if original(item) in clean_flags}
         if name == "near_duplicates":
-            group = _groups(own | true)
-            own |= {pair for pair in found - true if len({group.get(member, member) for member in pair}) == 1}
+            group = _groups(clean_flags | {original(pair) for pair in true})
+            own |= {pair for pair in found - true if len({group.get(member, member) for member in original(pair)}) == 1}
         raw_p, recall, n_flagged, n_true = precision_recall(found, true)
         injected_p, _, _, _ = precision_recall(found - own, true)
         print(f"| {kind} | {raw_p:.3f} | {injected_p:.3f} | {recall:.3f} | {n_flagged} | {len(found & own)} | {n_true} |")

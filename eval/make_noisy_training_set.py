@@ -13,7 +13,7 @@ a training folder (identity = folder); then, with ``--seed``:
 
 Both folders, and the training folder before any fault was injected (``emb_clean``: CFP's own faults, which
 the audit finds too, are told apart from the injected ones with it), are embedded with ``facepipe embed``;
-``truth.json`` lists every injected fault. Then run ``eval/audit_quality.py OUT`` for precision and recall per kind.
+``truth.json`` lists every injected fault (and how each copy was made: ``copy_settings``). Then run ``eval/audit_quality.py OUT`` for precision and recall per kind.
 
     python eval/make_noisy_training_set.py --cfp ../shared/assets/cfp/cfp-dataset --out /tmp/noisy --identities 200
 """
@@ -35,16 +35,18 @@ def facepipe(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "facepipe", *args], check=True)
 
 
-def degrade(image: np.ndarray, rng: np.random.Generator) -> bytes:
-    """A downscaled, slightly cropped, re-encoded copy of a photo."""
+def degrade(image: np.ndarray, rng: np.random.Generator) -> tuple[bytes, dict]:
+    """A downscaled, slightly cropped, re-encoded copy of a photo, and how it was made."""
     h, w = image.shape[:2]
     top, bottom, left, right = (int(round(rng.uniform(0.0, 0.06) * side)) for side in (h, h, w, w))
     part = image[top : h - bottom, left : w - right]
     scale = rng.uniform(0.5, 0.9)
     small = cv2.resize(part, (max(8, int(part.shape[1] * scale)), max(8, int(part.shape[0] * scale))), interpolation=cv2.INTER_AREA)
-    ok, data = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(60, 91))])
+    quality = int(rng.integers(60, 91))
+    ok, data = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, quality])
     assert ok
-    return data.tobytes()
+    made = {"crop_px": [top, bottom, left, right], "scale": round(float(scale), 4), "jpeg_quality": quality, "size": list(small.shape[1::-1])}
+    return data.tobytes(), made
 
 
 def main() -> None:
@@ -85,7 +87,7 @@ def main() -> None:
             shutil.copy(crop, target / crop.name)
 
     facepipe("embed", str(train), "--out", str(args.out / "emb_clean"), "--no-progress")
-    truth: dict[str, list] = {"misfiled": [], "split": [], "copies": [], "overlap": sorted(overlap_ids)}
+    truth: dict[str, list | dict] = {"misfiled": [], "split": [], "copies": [], "overlap": sorted(overlap_ids), "copy_settings": {}}
     all_crops = sorted(p.relative_to(train).as_posix() for p in train.rglob("*.png"))
     for rel in rng.choice(all_crops, int(round(args.misfiled * len(all_crops))), replace=False):
         source_id = rel.split("/")[0]
@@ -108,15 +110,17 @@ def main() -> None:
         photo = cv2.imread(str(images / person / "frontal" / Path(rel).with_suffix(".jpg").name))
         folder = Path(rel).parent.as_posix() if k % 3 else str(rng.choice([p for p in train_ids if p != rel.split("/")[0]]))
         (originals / folder).mkdir(parents=True, exist_ok=True)
-        (originals / folder / f"copy_{k:04d}.jpg").write_bytes(degrade(photo, rng))
-        planned.append((rel, f"{folder}/copy_{k:04d}.png"))
+        data, made = degrade(photo, rng)
+        (originals / folder / f"copy_{k:04d}.jpg").write_bytes(data)
+        planned.append((rel, f"{folder}/copy_{k:04d}.png", made))
     facepipe("align", str(originals), "--out", str(args.out / "copies_aligned"), "--format", "png", "--no-progress")
-    for rel, copy_rel in planned:
+    for rel, copy_rel, made in planned:
         aligned = args.out / "copies_aligned" / copy_rel
         if not aligned.is_file():
             continue  # no face found in the degraded copy
         shutil.copy(aligned, train / copy_rel)
         truth["copies"].append([rel, copy_rel])
+        truth["copy_settings"][copy_rel] = made  # crop (top, bottom, left, right px), scale, JPEG quality, size
         if Path(copy_rel).parent != Path(rel).parent:
             truth["misfiled"].append(copy_rel)  # a copy filed under someone else is misfiled too
     (args.out / "truth.json").write_text(json.dumps(truth, indent=1))

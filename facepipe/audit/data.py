@@ -1,5 +1,6 @@
-"""The embedding sets an audit reads: a facepipe embedding folder (identity = folder), or an insightface
-``.bin`` evaluation set embedded on the fly with the training set's model.
+"""The embedding sets an audit reads: a facepipe embedding folder (identity = folder), or an evaluation set
+embedded on the fly with the training set's model: an insightface ``.bin`` (no identities) or an IJB-C / IJB-B
+layout root (identity = subject).
 
 Rows that cannot take part are skipped and counted, never silently: manifest ``error`` rows, non-finite
 embeddings, zero vectors. Vectors are stored L2-normalised, as float16 past 2 GiB of float32 (cosines to 1e-3,
@@ -130,3 +131,98 @@ def check_same_model(train: EmbeddingSet, other: EmbeddingSet, role: str = "trai
         raise AuditInputError(
             f"{other.name}: embedded with another model ({', '.join(f'{k} {other.model.get(k)!r} vs {train.model.get(k)!r}' for k in differ)})"
         )
+
+
+def ijb_target(root: str | Path) -> str | None:
+    """``IJBC`` / ``IJBB`` when ``root`` is an IJB layout root (``meta/<target>_face_tid_mid.txt``), else None."""
+    from facepipe.evaluation.ijbc_layout import TARGETS, meta_paths
+
+    return next((target for target in TARGETS if meta_paths(root, target)["tid_mid"].is_file()), None)
+
+
+def load_ijb_set(
+    root: str | Path, model: dict[str, Any], cache_root: str | Path, device: str = "cpu", batch_size: int = 64, progress: bool = False
+) -> EmbeddingSet:
+    """An IJB-C / IJB-B layout root (the one ``facepipe eval ijbc`` reads) embedded with ``model`` (a training
+    folder's ``run.json`` model) through the IJB-C feature path: images aligned from their given five points, the
+    ``[plain, mirrored]`` features of the content-keyed, resumable feature cache under ``cache_root``, summed
+    when the training set was embedded with flip. Identity = the subject of the 1:N files (every template of a
+    subject together); without 1:N files, each template is an identity (``template <id>``): the 1:1 meta files
+    name no subjects. Images of templates no 1:N file names, and images the cache marks unreadable or failed
+    (zero features), are skipped and counted. Refused (one line) when the model cannot be rebuilt."""
+    from facepipe.commands.eval_ijbc import run_feature_job  # the one place IJB-C features meet an engine
+    from facepipe.embedding.base import l2_normalize
+    from facepipe.evaluation.ijbc_1n import protocol_paths, read_1n_protocol
+    from facepipe.evaluation.ijbc_features import FLAG_FAILED, FLAG_UNREADABLE, FeatureCache, FeatureCacheError, IJBFeatureJob, cache_folder
+    from facepipe.evaluation.ijbc_layout import read_ijb_layout
+
+    root = Path(root)
+    target = ijb_target(root)
+    if target is None:
+        raise AuditInputError(f"{root}: not an IJB-C / IJB-B layout root (no meta/ijbc_face_tid_mid.txt)")
+    extractor = _ijb_extractor(root, model, device)
+    try:
+        layout = read_ijb_layout(root, target)
+        one_to_n = [path for path in protocol_paths(root, target).values() if path.is_file()]
+        subject_sets = read_1n_protocol(root, target, layout) if one_to_n else None
+        key = extractor.cache_key(layout)
+        cache = FeatureCache(cache_folder(cache_root, target, str(model["model"]), "given", key), key, layout.num_images)
+        run_feature_job(IJBFeatureJob(layout, cache, extractor, batch_size), "local", progress=progress)
+        flip = bool(model.get("flip", True))
+        raw, flags = [], []  # one (n, D) block per shard: the (n, 2, D) pairs are never all in memory
+        for _, features, _, shard_flags in cache.iter_shards():
+            raw.append(features[:, 0] + features[:, 1] if flip else features[:, 0])  # the embedder's flip test sums them
+            flags.append(shard_flags)
+    except (ValueError, FileNotFoundError, FeatureCacheError) as exc:  # meta errors, a foreign cache, weights
+        raise AuditInputError(f"{root}: {exc}") from None
+    if subject_sets is None:
+        identity_of = {int(t): f"template {t}" for t in np.unique(layout.templates)}
+    else:
+        galleries, probes = subject_sets
+        identity_of = {int(t): str(s) for group in (*galleries, probes) for t, s in zip(group.templates, group.subjects)}
+    raw, flags = np.concatenate(raw), np.concatenate(flags)
+    identities = np.array([identity_of.get(int(t), "") for t in layout.templates], dtype=object)
+    finite = np.isfinite(raw).all(axis=1)
+    nonzero = np.linalg.norm(np.where(finite[:, None], raw, 0), axis=1) > 0
+    unreadable = np.isin(flags, (FLAG_UNREADABLE, FLAG_FAILED))
+    has_subject = identities != ""
+    skipped = {
+        "unreadable_images": int(unreadable.sum()),
+        "no_subject": int((~unreadable & ~has_subject).sum()),
+        "non_finite": int((~unreadable & has_subject & ~finite).sum()),
+        "zero_vectors": int((~unreadable & has_subject & finite & ~nonzero).sum()),
+    }
+    good = ~unreadable & has_subject & finite & nonzero
+    if not good.any():
+        raise AuditInputError(f"{root}: no usable images ({skipped})")
+    names, codes = np.unique(identities[good], return_inverse=True)
+    return EmbeddingSet(
+        f"{root.name} ({target})",
+        l2_normalize(raw[good]).astype(np.float32),
+        [str(n) for n in layout.image_names[good]],
+        codes.astype(np.int64),
+        [str(n) for n in names],
+        dict(model, embedding_size=int(raw.shape[1])),
+        layout.image_dir,
+        skipped,
+    )
+
+
+def _ijb_extractor(root: Path, model: dict[str, Any], device: str):
+    """The IJB-C feature extractor for the training folder's model, built now so that a model that cannot be
+    rebuilt is one line before any image is read."""
+    from facepipe.evaluation.ijbc_features import FeatureExtractor
+
+    name, weights = model.get("model"), model.get("weights")
+    if not name:
+        raise AuditInputError(f"{root}: the training folder's run.json names no model, so its images cannot be embedded the same way")
+    if weights and not Path(weights).is_file():
+        raise AuditInputError(f"{root}: the training set's weights {weights} (named in its run.json) are not there; cannot embed with the same model")
+    options = dict(model.get("options") or {})
+    precision = str(options.pop("precision", "fp32"))
+    extractor = FeatureExtractor(model=str(name), weights=weights, device=device, precision=precision, options=options)
+    try:
+        extractor.models()
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:
+        raise AuditInputError(f"{root}: cannot rebuild the training set's model {name!r} ({exc})") from None
+    return extractor

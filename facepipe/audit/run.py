@@ -86,7 +86,7 @@ def audit(
             "centre_to_centre": {"method": centre_nn.method, "recall": centre_nn.recall},
             "image_to_image": {"method": image_nn.method, "recall": image_nn.recall},
         },
-        "against": [other.name for other in against],
+        "against": [{"name": o.name, "images": int(len(o.vectors)), "identities": len(o.names), "skipped": dict(o.skipped)} for o in against],
         "seconds": round(time.perf_counter() - started, 2),
     }
     return AuditResult(tables, thresholds, summary)

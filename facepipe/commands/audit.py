@@ -14,7 +14,9 @@ from facepipe.commands.common import device_option, resolve_device
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the tables (csv + parquet), summary.json and report.html.")
 @click.option("--against", "against", multiple=True, type=click.Path(exists=True, path_type=Path),
-              help="Evaluation set to check for overlap: an embedding folder or an insightface .bin; repeatable.")
+              help="Evaluation set to check for overlap: an embedding folder, an insightface .bin or an IJB-C / IJB-B "
+                   "layout root (meta/, loose_crop/; identity = subject); the last two are embedded with the training "
+                   "set's model (IJB features cached in OUT/ijb_feature_cache). Repeatable.")
 @click.option("--image-threshold", type=click.FloatRange(-1, 1), default=None, help="Override T_image (label noise, image overlap).")
 @click.option("--identity-threshold", type=click.FloatRange(-1, 1), default=None, help="Override T_identity (duplicate identities, overlap).")
 @click.option("--copy-threshold", type=click.FloatRange(-1, 1), default=None, help="Override T_copy (near-duplicate images).")
@@ -26,7 +28,7 @@ from facepipe.commands.common import device_option, resolve_device
 def audit(emb_dir, out_dir, against, image_threshold, identity_threshold, copy_threshold, write_clean, keep_overlap,
           max_cases, device) -> None:
     """Audit a training set from its embeddings (identity = folder). See facepipe.audit.checks for the rules."""
-    from facepipe.audit.data import AuditInputError, load_bin_set, load_embedding_folder
+    from facepipe.audit.data import AuditInputError, ijb_target, load_bin_set, load_embedding_folder, load_ijb_set
     from facepipe.audit.report import write_report
     from facepipe.audit.run import audit as run_audit
     from facepipe.audit.run import clean_list, write_outputs
@@ -40,12 +42,14 @@ def audit(emb_dir, out_dir, against, image_threshold, identity_threshold, copy_t
             raise AuditInputError(f"{emb_dir}: needs identity folders (at least 2); found {len(train.names)}")
         others = []
         for path in against:
-            if path.is_dir():
+            if path.is_dir() and ijb_target(path) is not None:
+                others.append(load_ijb_set(path, train.model, out_dir / "ijb_feature_cache", device=device))
+            elif path.is_dir():
                 others.append(load_embedding_folder(path))
             elif path.suffix == ".bin":
                 others.append(load_bin_set(path, train.model, device=device))
             else:
-                raise AuditInputError(f"{path}: --against takes an embedding folder or a .bin file")
+                raise AuditInputError(f"{path}: --against takes an embedding folder, an IJB-C layout root or a .bin file")
         overrides = {"image": image_threshold, "identity": identity_threshold, "copy": copy_threshold}
         result = run_audit(train, others, overrides)
     except (AuditInputError, ValueError) as exc:
@@ -55,6 +59,8 @@ def audit(emb_dir, out_dir, against, image_threshold, identity_threshold, copy_t
     s = result.summary
     t = result.thresholds
     click.echo(f"{s['images']} images, {s['identities']} identities ({s['single_image_identities']} with one image); skipped {s['skipped']}")
+    for other in s["against"]:
+        click.echo(f"against {other['name']}: {other['images']} images, {other['identities']} identities; skipped {other['skipped']}")
     click.echo(f"thresholds: image {t.image:.4f}, identity {t.identity:.4f}, copy {t.copy:.4f}")
     for name, count in s["flagged"].items():
         click.echo(f"  {name:<22} {count} flagged")

@@ -210,13 +210,14 @@ class FeatureExtractor:
     crop_size: int = 112
     detector_pad: float = 0.2  # black border, fraction of the longer side, around each crop before detection
     precision: str = "fp32"  # the embedder's (facepipe.runtime); part of the cache key
+    options: dict[str, Any] = field(default_factory=dict)  # more embedder settings (ONNX preset, backend); in the key when given
     _models: tuple[Any, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     def models(self) -> tuple[Any, Any]:
         if self._models is None:
             from facepipe.embedding.base import create_embedder
 
-            options = {} if self.precision == "fp32" else {"precision": self.precision}
+            options = dict(self.options) if self.precision == "fp32" else {**self.options, "precision": self.precision}
             embedder = create_embedder(self.model, weights=self.weights, device=self.device, **options)
             detector = None
             if self.detector is not None:
@@ -255,6 +256,7 @@ class FeatureExtractor:
             "detector_weights": None if self.detector is None else weights_fingerprint(self.detector_weights),
             "crop_size": self.crop_size,
             "detector_pad": self.detector_pad if self.detector else None,
+            **({"options": dict(sorted(self.options.items()))} if self.options else {}),
         }
 
 

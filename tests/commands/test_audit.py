@@ -106,5 +106,5 @@ def test_bad_inputs_are_one_line(tmp_path, audited):
     junk = tmp_path / "x.txt"
     junk.write_text("x")
     result = runner.invoke(main, ["audit", str(root / "emb"), "--against", str(junk), "--out", str(tmp_path / "o")])
-    assert result.exit_code == 1 and "--against takes an embedding folder or a .bin" in result.output
+    assert result.exit_code == 1 and "--against takes an embedding folder, an IJB-C layout root or a .bin file" in result.output
     assert "Traceback" not in result.output
