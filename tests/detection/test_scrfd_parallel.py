@@ -19,6 +19,9 @@ def test_a_batch_over_parallel_sessions_equals_one_session_one_image_at_a_time()
     parallel = ScrfdDetector(parallel_backend, ScrfdSettings(batch_size=4))
 
     batch = alone.preprocess(images)
+    for ours, theirs in zip(parallel_backend(batch[:1]), alone.backend(batch[:1])):  # one image: the 3-thread session
+        np.testing.assert_array_equal(ours, theirs)
+    assert not parallel_backend._workers
     together = parallel_backend(batch)
     assert len(parallel_backend._workers) == 3  # four images over three single-thread sessions
     for j in range(len(images)):
