@@ -241,12 +241,12 @@ class ScrfdOnnxBackend:
         except ValueError as exc:
             raise ValueError(f"{label}: {exc}") from None
         self._device = device
-        self._threads = max(1, intra_op_threads or torch.get_num_threads())
+        self.threads = max(1, intra_op_threads or torch.get_num_threads())
         dims = tensor_dims(graph_inputs(proto)[0])
         self.input_name = graph_inputs(proto)[0].name
         self.input_size = (dims[3], dims[2]) if dims[2] and dims[3] else None
-        self._graph = proto.SerializeToString()
-        self.session = onnxruntime_session(self._graph, device, self._threads, SESSION_CONFIG)
+        self.graph = proto.SerializeToString()  # what the session runs (after a batch-axis rewrite, that graph)
+        self.session = onnxruntime_session(self.graph, device, self.threads, SESSION_CONFIG)
         self.output_names = [o.name for o in self.session.get_outputs()]
         # Batch-1 exports fold the batch into the anchors of 2-D outputs: only 3-D outputs on a batch-dynamic
         # input are batched as they are.
@@ -271,12 +271,12 @@ class ScrfdOnnxBackend:
         single = self._run_single(self.session, probe)
         try:
             graph = make_batch_dynamic(proto).SerializeToString()
-            dynamic = onnxruntime_session(graph, self._device, self._threads, SESSION_CONFIG)
+            dynamic = onnxruntime_session(graph, self._device, self.threads, SESSION_CONFIG)
             batched = dynamic.run(self.output_names, {self.input_name: probe})
         except Exception:  # noqa: BLE001 - a head we cannot rewrite: run images one at a time
             return
         if all(b.shape == s.shape and np.allclose(b, s, rtol=1e-5, atol=1e-5) for b, s in zip(batched, single)):
-            self.session, self.batched, self._graph = dynamic, True, graph
+            self.session, self.batched, self.graph = dynamic, True, graph
 
     def _run(self, session: Any, batch: np.ndarray) -> list[np.ndarray]:
         if not self.batched:
@@ -286,11 +286,11 @@ class ScrfdOnnxBackend:
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        parts = min(self._threads, len(batch))
+        parts = min(self.threads, len(batch))
         if parts < 2 or self._device != "cpu":
             return self._run(self.session, batch)
         while len(self._workers) < parts:
-            self._workers.append(onnxruntime_session(self._graph, self._device, 1))
+            self._workers.append(onnxruntime_session(self.graph, self._device, 1))
         # A pool per call: a pool kept on the backend would not survive a fork into worker processes.
         with ThreadPoolExecutor(parts) as pool:
             outputs = list(pool.map(self._run, self._workers[:parts], np.array_split(batch, parts)))
@@ -314,9 +314,9 @@ class ScrfdOpenVinoBackend:
         self._ov = _require_openvino()
         checked = ScrfdOnnxBackend(model, "cpu", intra_op_threads)  # parsed, checked, batch axis made dynamic
         self.layout, self.input_size, self.batched = checked.layout, checked.input_size, True
-        self.output_names, self._threads = checked.output_names, checked._threads
-        self._network = self._ov.Core().read_model(io.BytesIO(checked._graph))
-        self._compiled: dict[tuple[int, int, bool], Any] = {}
+        self.output_names, self.threads = checked.output_names, checked.threads
+        self._network = self._ov.Core().read_model(io.BytesIO(checked.graph))
+        self._compiled: dict[tuple[int, int, bool], tuple[Any, list[Any]]] = {}  # -> (request queue, output ports)
         self.name = "openvino-cpu"
 
     def _model(self, height: int, width: int, streams: bool) -> Any:
@@ -327,24 +327,23 @@ class ScrfdOpenVinoBackend:
             config = {
                 "INFERENCE_PRECISION_HINT": "f32",
                 "PERFORMANCE_HINT": "THROUGHPUT" if streams else "LATENCY",
-                "NUM_STREAMS": self._threads if streams else 1,
-                "INFERENCE_NUM_THREADS": self._threads,
+                "NUM_STREAMS": self.threads if streams else 1,
+                "INFERENCE_NUM_THREADS": self.threads,
                 "ENABLE_CPU_PINNING": False,  # shared machines: a pinned thread waits for a busy core
             }
             compiled = self._ov.Core().compile_model(network, "CPU", config)
-            self._compiled[key] = (compiled, [compiled.output(name) for name in self.output_names])
+            queue = self._ov.AsyncInferQueue(compiled, self.threads if streams else 1)
+            self._compiled[key] = (queue, [compiled.output(name) for name in self.output_names])
         return self._compiled[key]
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        streams = self._threads > 1 and len(batch) > 1
-        compiled, ports = self._model(batch.shape[2], batch.shape[3], streams)
+        queue, ports = self._model(batch.shape[2], batch.shape[3], streams=self.threads > 1 and len(batch) > 1)
         results: list[list[np.ndarray]] = [[] for _ in batch]
 
         def keep(request: Any, index: int) -> None:  # copies: a request reuses its output buffers
             results[index] = [np.array(request.get_tensor(port).data, dtype=np.float32) for port in ports]
 
-        queue = self._ov.AsyncInferQueue(compiled, self._threads if streams else 1)
         queue.set_callback(keep)
         for index in range(len(batch)):
             queue.start_async({0: batch[index : index + 1]}, index)
@@ -572,6 +571,10 @@ def create_scrfd(
     if rest:
         known = sorted(_SETTING_NAMES | {"intra_op_threads", "runtime"})
         raise TypeError(f"unknown SCRFD option(s) {sorted(rest)}; known: {', '.join(known)}")
+    if runtime not in ("onnxruntime", "openvino"):
+        raise ValueError(f"runtime must be 'onnxruntime' or 'openvino', got {runtime!r}")
+    if runtime == "openvino" and device != "cpu":
+        raise ValueError(f"the openvino runtime runs on the CPU, not {device}")
     if pack is not None:
         if weights is not None:
             raise ValueError("give SCRFD weights or a model pack, not both")
@@ -584,9 +587,5 @@ def create_scrfd(
             "or a model pack folder"
         )
     if runtime == "openvino":
-        if device != "cpu":
-            raise ValueError(f"the openvino runtime runs on the CPU, not {device}")
         return ScrfdDetector(ScrfdOpenVinoBackend(weights, intra_op_threads=threads), settings)
-    if runtime != "onnxruntime":
-        raise ValueError(f"runtime must be 'onnxruntime' or 'openvino', got {runtime!r}")
     return ScrfdDetector(ScrfdOnnxBackend(weights, device=device, intra_op_threads=threads), settings)
