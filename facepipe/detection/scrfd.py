@@ -205,7 +205,7 @@ class ScrfdBackend(Protocol):
 
 
 # Worker threads that sleep instead of spinning between layers, and work handed out in smaller blocks: on a
-# shared machine a spinning or straggling thread stalls every layer (measured on 2 busy cores, 2 threads: 1.5x
+# shared machine a spinning or straggling thread stalls every layer (measured on 2 busy cores, 2 threads: 1.3-1.5x
 # faster; outputs equal to the bit). Single-thread sessions have no worker threads.
 SESSION_CONFIG = {"session.intra_op.allow_spinning": "0", "session.dynamic_block_base": "4"}
 
@@ -217,7 +217,7 @@ class ScrfdOnnxBackend:
     by side (onnxruntime releases the GIL) instead of one multi-thread session: images are independent, so
     each core works without waiting for the others at every layer, and the outputs are the same to the bit
     (onnxruntime's CPU kernels give equal numbers at any thread count and batch size; checked by the tests).
-    Measured in ``eval/bench_detection.py`` (README "SCRFD speed"). Single images use the multi-thread session.
+    Measured in ``eval/bench_detection.py`` (README "What was measured"). Single images use the multi-thread session.
     """
 
     def __init__(self, model: str | os.PathLike | bytes, device: str = "cpu", intra_op_threads: int | None = None) -> None:
@@ -301,7 +301,7 @@ class ScrfdOpenVinoBackend:
     """The checked graph of :class:`ScrfdOnnxBackend` compiled by OpenVINO for the CPU in fp32 (opt-in).
 
     Why: OpenVINO's convolutions are faster than onnxruntime's on some CPUs and its threads degrade less on a
-    busy machine (README "SCRFD speed"). Its numbers are not onnxruntime's: scores differ by ~1e-7 and boxes
+    busy machine (README "What was measured"). Its numbers are not onnxruntime's: scores differ by ~1e-7 and boxes
     by ~1e-4 px, inside the golden tolerance (0.01 px, 1e-5) but not bit-equal, so a score that lands on
     the threshold can fall on the other side; onnxruntime stays the default. Images run one at a time on a
     static shape (OpenVINO plans memory per shape): a single image on ``intra_op_threads`` threads, a batch
