@@ -192,7 +192,7 @@ def scrfd_rows(args: argparse.Namespace, images: dict[str, np.ndarray]) -> None:
             print(f"| {threads} | {runtime} | {theirs_rate:.2f} | {ours_rate:.2f} | {ours_rate / theirs_rate:.2f}x | {difference:.2g} |")
 
 
-def _batched_rows(detector, images: list[np.ndarray], batch_size: int) -> list[np.ndarray]:
+def _batched_rows(detector: ScrfdDetector, images: list[np.ndarray], batch_size: int) -> list[np.ndarray]:
     return [rows for i in range(0, len(images), batch_size) for rows in detector.detect_rows(images[i : i + batch_size])]
 
 
