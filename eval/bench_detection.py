@@ -16,14 +16,19 @@ far more than onnxruntime's.
 SCRFD rows (``--scrfd-weights``, default the shared ``scrfd_2.5g_bnkps.onnx``; ``--only scrfd`` skips the
 RetinaFace rows): our ``ScrfdDetector.detect`` against insightface 0.7.3's ``SCRFD.detect`` re-stated in
 ``eval/insightface_scrfd.py``, on the same ONNX file, onnxruntime and thread count, in this process, timed
-round robin, per image at VGA and HD; then throughput over the shared WIDER subset (``--wider-limit``
-images of mixed sizes): the reference one image per call, ours in batches of ``--scrfd-batch``. Every
-configuration's detections are compared with the reference's (largest difference printed).
+round robin, per image at VGA and HD, with the stages timed apart (preprocessing, network, the rest); then
+throughput over the shared WIDER subset (``--wider-limit`` images of mixed sizes, ``--wider-rounds``
+round-robin passes): the reference one image per call, ours in batches of ``--scrfd-batch`` (split over
+single-thread sessions). ``--scrfd-openvino`` adds the opt-in OpenVINO fp32 runtime. Every configuration's
+detections are compared with the reference's (largest difference printed; inf when the counts differ).
+
+    .venv/bin/python eval/bench_detection.py --only scrfd --runs 15 --scrfd-openvino
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import statistics
 import sys
@@ -38,7 +43,7 @@ import torch
 from facepipe.detection.backends import OnnxRuntimeBackend, TorchBackend
 from facepipe.detection.backends import onnxruntime_session
 from facepipe.detection.retinaface import RetinaFaceDetector, RetinaFaceSettings, create_retinaface_mnet
-from facepipe.detection.scrfd import create_scrfd
+from facepipe.detection.scrfd import ScrfdDetector, create_scrfd
 from facepipe.models.retinaface import retinaface_mnet025
 from facepipe.runtime.cpu import cpu_summary
 
@@ -96,49 +101,99 @@ def _max_difference(ours: list[np.ndarray], theirs: list[np.ndarray]) -> float:
     return max((float(np.abs(a - b).max()) for a, b in zip(ours, theirs) if a.size), default=0.0)
 
 
+class _RecordedNetwork:
+    """Stands in for a network (an onnxruntime session or a SCRFD backend) and answers every call with one
+    recorded answer: ``detect()`` timed around it is everything but the network."""
+
+    def __init__(self, real: object, answer: list[np.ndarray]) -> None:
+        self.layout, self.input_size, self.name = getattr(real, "layout", None), getattr(real, "input_size", None), "recorded"
+        self.answer = answer
+
+    def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
+        return self.answer
+
+    def run(self, names: object, feeds: object) -> list[np.ndarray]:
+        return self.answer
+
+
 def scrfd_rows(args: argparse.Namespace, images: dict[str, np.ndarray]) -> None:
     reference = _insightface_reference()
     wider = sorted((ASSETS / "widerface" / "val_images").glob("*/*.jpg"))[: args.wider_limit]
     wider_images = [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in wider]
-    rows, throughput = [], []
+    runtimes = ["onnxruntime"] + (["openvino"] if args.scrfd_openvino else [])
+    rows, stages, throughput = [], [], []
     for threads in args.threads:
         torch.set_num_threads(threads)
         theirs = reference.InsightfaceScrfd(onnxruntime_session(args.scrfd_weights, intra_op_threads=threads))
-        ours = create_scrfd(args.scrfd_weights, intra_op_threads=threads)
+        ours = {runtime: create_scrfd(args.scrfd_weights, intra_op_threads=threads, runtime=runtime) for runtime in runtimes}
+        default = ours["onnxruntime"]
         for size_name, image in images.items():
-            times = interleaved_medians_ms(
-                {"insightface": lambda: theirs.detect(image), "facepipe": lambda: ours.detect([image])}, args.runs, args.warmup
-            )
-            difference = _max_difference(ours.detect_rows([image]), [reference.reference_rows(theirs, image)])
-            faces = len(ours.detect_rows([image])[0])
-            rows.append((size_name, threads, times["insightface"], times["facepipe"], faces, difference))
-            print(f"  SCRFD {size_name} {threads} thr: insightface {times['insightface']:.1f} ms, facepipe "
-                  f"{times['facepipe']:.1f} ms", file=sys.stderr, flush=True)
+            blob = theirs.blob(theirs.letterbox(image)[0])
+            batch = default.preprocess([image])
+            theirs_without_network = copy.copy(theirs)
+            theirs_without_network.session = _RecordedNetwork(theirs.session, theirs.session.run(theirs.output_names, {theirs.input_name: blob}))
+            ours_without_network = ScrfdDetector(_RecordedNetwork(default.backend, default.backend(batch)), default.settings)
+            calls: dict[str, Callable[[], object]] = {"insightface": lambda: theirs.detect(image)}
+            calls.update({runtime: (lambda d=d: d.detect([image])) for runtime, d in ours.items()})
+            calls.update({
+                "insightface preprocess": lambda: theirs.blob(theirs.letterbox(image)[0]),
+                "insightface network": lambda: theirs.session.run(theirs.output_names, {theirs.input_name: blob}),
+                "facepipe preprocess": lambda: default.preprocess([image]),
+                "facepipe network": lambda: default.backend(batch),
+                "insightface without network": lambda: theirs_without_network.detect(image),
+                "facepipe without network": lambda: ours_without_network.detect([image]),
+            })
+            times = interleaved_medians_ms(calls, args.runs, args.warmup)
+            expected = [reference.reference_rows(theirs, image)]
+            for runtime, detector in ours.items():
+                got = detector.detect_rows([image])
+                rows.append((size_name, threads, runtime, times["insightface"], times[runtime], len(got[0]), _max_difference(got, expected)))
+            stages.append((size_name, threads, times))
+            print(f"  SCRFD {size_name} {threads} thr: " + ", ".join(f"{k} {v:.1f} ms" for k, v in times.items()),
+                  file=sys.stderr, flush=True)
         if wider_images:
-            batched = ours.with_settings(batch_size=args.scrfd_batch)
-            start = time.perf_counter()
+            rates: dict[str, list[float]] = {name: [] for name in ["insightface", *runtimes]}
             expected = [reference.reference_rows(theirs, image) for image in wider_images]
-            reference_s = time.perf_counter() - start
-            time.sleep(IDLE_BETWEEN_CALLS_S)
-            start = time.perf_counter()
-            got = [r for i in range(0, len(wider_images), args.scrfd_batch)
-                   for r in batched.detect_rows(wider_images[i : i + args.scrfd_batch])]
-            ours_s = time.perf_counter() - start
-            throughput.append((threads, len(wider_images) / reference_s, len(wider_images) / ours_s, _max_difference(got, expected)))
+            differences = {runtime: _max_difference(_batched_rows(d, wider_images, args.scrfd_batch), expected) for runtime, d in ours.items()}
+            for _ in range(args.wider_rounds):  # round robin, as per image
+                time.sleep(IDLE_BETWEEN_CALLS_S)
+                start = time.perf_counter()
+                for image in wider_images:
+                    theirs.detect(image)
+                rates["insightface"].append(len(wider_images) / (time.perf_counter() - start))
+                for runtime, detector in ours.items():
+                    time.sleep(IDLE_BETWEEN_CALLS_S)
+                    start = time.perf_counter()
+                    _batched_rows(detector, wider_images, args.scrfd_batch)
+                    rates[runtime].append(len(wider_images) / (time.perf_counter() - start))
+            for runtime in runtimes:
+                throughput.append((threads, runtime, statistics.median(rates["insightface"]), statistics.median(rates[runtime]), differences[runtime]))
 
     print(f"\nSCRFD {Path(args.scrfd_weights).name}, full detect() per image (letterbox 640x640, threshold 0.5), "
           f"median of {args.runs} runs; CPU: {cpu_summary()}")
-    print("| image | threads | insightface 0.7.3 ms | facepipe ms | speed-up | faces | max difference |")
+    print("| image | threads | facepipe runtime | insightface 0.7.3 ms | facepipe ms | speed-up | faces | max difference |")
+    print("|---|---|---|---|---|---|---|---|")
+    for size_name, threads, runtime, theirs_ms, ours_ms, faces, difference in rows:
+        print(f"| {size_name} | {threads} | {runtime} | {theirs_ms:.1f} | {ours_ms:.1f} | {theirs_ms / ours_ms:.2f}x | {faces} | {difference:.2g} |")
+    print("\nWhere the time goes (ms, each timed on its own; onnxruntime in both): preprocess = letterbox and network input; "
+          "post = detect() with the network's answer recorded, minus preprocess (decode, sort, NMS, copies)")
+    print("| image | threads | | preprocess | network | post | detect |")
     print("|---|---|---|---|---|---|---|")
-    for size_name, threads, theirs_ms, ours_ms, faces, difference in rows:
-        print(f"| {size_name} | {threads} | {theirs_ms:.1f} | {ours_ms:.1f} | {theirs_ms / ours_ms:.2f}x | {faces} | {difference:.2g} |")
+    for size_name, threads, times in stages:
+        for who, detect_key in (("insightface", "insightface"), ("facepipe", "onnxruntime")):
+            pre, net, rest = times[f"{who} preprocess"], times[f"{who} network"], times[f"{who} without network"]
+            print(f"| {size_name} | {threads} | {who} | {pre:.1f} | {net:.1f} | {rest - pre:.1f} | {times[detect_key]:.1f} |")
     if throughput:
-        print(f"\nSCRFD throughput over {len(wider_images)} shared WIDER images (mixed sizes): insightface one image per "
-              f"call, facepipe batches of {args.scrfd_batch}")
-        print("| threads | insightface img/s | facepipe img/s | speed-up | max difference |")
-        print("|---|---|---|---|---|")
-        for threads, theirs_rate, ours_rate, difference in throughput:
-            print(f"| {threads} | {theirs_rate:.2f} | {ours_rate:.2f} | {ours_rate / theirs_rate:.2f}x | {difference:.2g} |")
+        print(f"\nSCRFD throughput over {len(wider_images)} shared WIDER images (mixed sizes), median of {args.wider_rounds} "
+              f"round-robin passes: insightface one image per call, facepipe batches of {args.scrfd_batch}")
+        print("| threads | facepipe runtime | insightface img/s | facepipe img/s | speed-up | max difference |")
+        print("|---|---|---|---|---|---|")
+        for threads, runtime, theirs_rate, ours_rate, difference in throughput:
+            print(f"| {threads} | {runtime} | {theirs_rate:.2f} | {ours_rate:.2f} | {ours_rate / theirs_rate:.2f}x | {difference:.2g} |")
+
+
+def _batched_rows(detector: ScrfdDetector, images: list[np.ndarray], batch_size: int) -> list[np.ndarray]:
+    return [rows for i in range(0, len(images), batch_size) for rows in detector.detect_rows(images[i : i + batch_size])]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scrfd-weights", type=Path, default=ASSETS / "weights" / "scrfd" / "scrfd_2.5g_bnkps.onnx")
     parser.add_argument("--scrfd-batch", type=int, default=8)
     parser.add_argument("--wider-limit", type=int, default=64, help="shared WIDER images for the SCRFD throughput rows")
+    parser.add_argument("--wider-rounds", type=int, default=3, help="round-robin passes over them (median)")
+    parser.add_argument("--scrfd-openvino", action="store_true", help="also time facepipe's opt-in OpenVINO fp32 runtime")
     args = parser.parse_args(argv)
     for path in (args.image, args.tiny_onnx):
         if not path.is_file():

@@ -46,7 +46,7 @@ class InsightfaceScrfd:
 
     def forward(self, img: np.ndarray, threshold: float):
         scores_list, bboxes_list, kpss_list = [], [], []
-        blob = cv2.dnn.blobFromImage(img, 1.0 / 128.0, tuple(img.shape[0:2][::-1]), (127.5, 127.5, 127.5), swapRB=True)
+        blob = self.blob(img)
         outs = self.session.run(self.output_names, {self.input_name: blob})
         input_height, input_width = blob.shape[2], blob.shape[3]
         fmc = self.fmc
@@ -74,7 +74,8 @@ class InsightfaceScrfd:
                 kpss_list.append(kpss.reshape((kpss.shape[0], -1, 2))[positive])
         return scores_list, bboxes_list, kpss_list
 
-    def detect(self, img: np.ndarray):
+    def letterbox(self, img: np.ndarray) -> tuple[np.ndarray, float]:
+        """The first lines of ``detect``: ``(det_img, det_scale)``."""
         det_width, det_height = self.input_size
         im_ratio = float(img.shape[0]) / img.shape[1]
         if im_ratio > float(det_height) / det_width:
@@ -86,6 +87,14 @@ class InsightfaceScrfd:
         det_scale = float(new_height) / img.shape[0]
         det_img = np.zeros((det_height, det_width, 3), dtype=np.uint8)
         det_img[:new_height, :new_width, :] = cv2.resize(img, (new_width, new_height))
+        return det_img, det_scale
+
+    def blob(self, img: np.ndarray) -> np.ndarray:
+        """The network input ``forward`` makes of a letterboxed image (for timing the stages apart)."""
+        return cv2.dnn.blobFromImage(img, 1.0 / 128.0, tuple(img.shape[0:2][::-1]), (127.5, 127.5, 127.5), swapRB=True)
+
+    def detect(self, img: np.ndarray):
+        det_img, det_scale = self.letterbox(img)
         scores_list, bboxes_list, kpss_list = self.forward(det_img, self.det_thresh)
         scores = np.vstack(scores_list)
         order = scores.ravel().argsort()[::-1]

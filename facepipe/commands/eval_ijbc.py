@@ -8,8 +8,11 @@ from typing import Any
 import click
 
 from facepipe.commands.common import (
+    apply_pack_models,
     device_option,
     model_option,
+    pack_option,
+    pack_recognition,
     precision_option,
     resolve_device,
     set_threads,
@@ -35,6 +38,7 @@ DETECTOR_CHOICES = ("given",) + DETECTOR_NAMES
 @click.option("--output", "-o", "output_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for tar_far.json, table.md, roc.png (accumulated over calls: results.json) and scores/*.npy.")
 @model_option
 @weights_option
+@pack_option
 @click.option(
     "--detector", "detectors", type=click.Choice(DETECTOR_CHOICES), multiple=True, default=("given",), show_default=True,
     help="'given' aligns from the data set's five points; a detector re-detects each loose crop and uses its score as "
@@ -64,7 +68,7 @@ def ijbc(
     detector_pad: float,
     flip: bool, norm_score: bool, detector_score: bool, configs: str | None, name: str | None, batch_size: int, shard_size: int,
     cache_dir: Path | None, engine: str, device: str, threads: int | None,
-    ray_address: str | None = None, num_gpus: float | None = None, precision: str = "fp32",
+    ray_address: str | None = None, num_gpus: float | None = None, precision: str = "fp32", pack: Path | None = None,
 ) -> None:
     """IJB-C / IJB-B 1:1 verification (or, with --protocol 1n, 1:N identification) of ROOT (holding loose_crop/
     and meta/).
@@ -72,12 +76,19 @@ def ijbc(
     Features ([orig, flip] per image) are cached by content (meta files, weights), so re-running with other
     switches or --configs takes seconds. Results accumulate in OUTPUT: each method's rows are added to
     table.md, roc.png and tar_far.json; a rerun of a method replaces its own rows.
+
+    With --pack, the pack's recognition graph is the model and its SCRFD graph the weights of --detector scrfd.
     """
     from facepipe.evaluation.ijbc import ScoreConfig, TemplatePooling, evaluate_cache, parse_configs, write_report
     from facepipe.evaluation.ijbc_1n import evaluate_cache_1n, read_1n_protocol, write_identification_report
     from facepipe.evaluation.ijbc_features import FeatureCache, FeatureCacheError, FeatureExtractor, IJBFeatureJob, cache_folder
     from facepipe.evaluation.ijbc_layout import read_ijb_layout
 
+    scrfd_weights = detector_weights
+    if pack is not None and "scrfd" in detectors:
+        _, scrfd_weights, model, weights = apply_pack_models(pack, "scrfd", detector_weights, model, weights)
+    elif pack is not None:
+        model, weights = pack_recognition(pack, weights)
     set_threads(threads)
     ray_options = engine_options(engine, ray_address, num_gpus)
     if ray_options is None:
@@ -97,7 +108,7 @@ def ijbc(
     for detector in dict.fromkeys(detectors):
         extractor = FeatureExtractor(
             model=model, weights=weights, detector=None if detector == "given" else detector,
-            detector_weights=None if detector == "given" else detector_weights, device=device, detector_pad=detector_pad,
+            detector_weights={"given": None, "scrfd": scrfd_weights}.get(detector, detector_weights), device=device, detector_pad=detector_pad,
             precision=precision,
         )
         key = extractor.cache_key(layout)

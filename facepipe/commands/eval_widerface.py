@@ -10,9 +10,11 @@ import click
 from tqdm import tqdm
 
 from facepipe.commands.common import (
+    apply_pack,
     detector_option,
     detector_weights_option,
     device_option,
+    pack_option,
     set_threads,
     precision_option,
     threads_option,
@@ -79,6 +81,7 @@ def _check_run_info(prediction_dir: Path, run_info: dict) -> None:
 )
 @detector_option
 @detector_weights_option
+@pack_option
 @click.option(
     "--scale", type=click.Choice(["original", "fixed", "multiscale"]), default=None,
     help="original: no resize; fixed: 1600 short side / 2150 long side (SCRFD: det_size letterbox); multiscale: "
@@ -102,12 +105,14 @@ def widerface(
     threads: int | None,
     batch_size: int,
     precision: str = "fp32",
+    pack: Path | None = None,
 ) -> None:
     """WIDER FACE val easy / medium / hard AP (official protocol) over the given images.
 
     Only the images under --images count (faces of other val images are left out), so a subset gives a
     subset AP. Without --images, the images that have a file in --predictions are evaluated.
     """
+    detector, detector_weights = apply_pack(pack, detector, detector_weights)
     try:
         ground_truth = wider.load_ground_truth(gt_dir)
     except wider.WiderFormatError as exc:

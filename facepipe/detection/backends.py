@@ -93,8 +93,11 @@ def export_onnx(model: RetinaFace, path: str | os.PathLike | None = None, opset:
     return data
 
 
-def onnxruntime_session(model: str | os.PathLike | bytes, device: str = "cpu", intra_op_threads: int | None = None):
-    """An onnxruntime CPU (or CUDA) session for a file or serialized model, threads defaulting to torch's."""
+def onnxruntime_session(
+    model: str | os.PathLike | bytes, device: str = "cpu", intra_op_threads: int | None = None, config: dict[str, str] | None = None
+):
+    """An onnxruntime CPU (or CUDA) session for a file or serialized model, threads defaulting to torch's;
+    ``config``: session config entries (``SessionOptions.add_session_config_entry``)."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -108,6 +111,8 @@ def onnxruntime_session(model: str | os.PathLike | bytes, device: str = "cpu", i
     options.intra_op_num_threads = intra_op_threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     providers: list = ["CPUExecutionProvider"]
     if device.startswith("cuda"):
         if "CUDAExecutionProvider" not in ort.get_available_providers():

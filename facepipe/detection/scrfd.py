@@ -33,7 +33,9 @@ largest stride; WIDER-style testing).
 
 from __future__ import annotations
 
+import io
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol, Sequence
@@ -202,11 +204,25 @@ class ScrfdBackend(Protocol):
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]: ...
 
 
+# Worker threads that sleep instead of spinning between layers, and work handed out in smaller blocks: on a
+# shared machine a spinning or straggling thread stalls every layer (measured on 2 busy cores, 2 threads: 1.3-1.5x
+# faster; outputs equal to the bit). Single-thread sessions have no worker threads.
+SESSION_CONFIG = {"session.intra_op.allow_spinning": "0", "session.dynamic_block_base": "4"}
+
+
 class ScrfdOnnxBackend:
-    """onnxruntime session of a SCRFD ONNX graph (checked on load; batch-1 exports made batch-dynamic)."""
+    """onnxruntime session of a SCRFD ONNX graph (checked on load; batch-1 exports made batch-dynamic).
+
+    On the CPU, a batch of several images is split over ``intra_op_threads`` single-thread sessions run side
+    by side (onnxruntime releases the GIL) instead of one multi-thread session: images are independent, so
+    each core works without waiting for the others at every layer, and the outputs are the same to the bit
+    (onnxruntime's CPU kernels give equal numbers at any thread count and batch size; checked by the tests).
+    Measured in ``eval/bench_detection.py`` (README "What was measured"). Single images use the multi-thread session.
+    """
 
     def __init__(self, model: str | os.PathLike | bytes, device: str = "cpu", intra_op_threads: int | None = None) -> None:
         import onnx
+        import torch
 
         label = "model" if isinstance(model, bytes) else Path(model).name
         if isinstance(model, (str, os.PathLike)):
@@ -224,17 +240,20 @@ class ScrfdOnnxBackend:
             self.layout = scrfd_layout(proto)
         except ValueError as exc:
             raise ValueError(f"{label}: {exc}") from None
-        self._device, self._threads = device, intra_op_threads
+        self._device = device
+        self.threads = max(1, intra_op_threads or torch.get_num_threads())
         dims = tensor_dims(graph_inputs(proto)[0])
         self.input_name = graph_inputs(proto)[0].name
         self.input_size = (dims[3], dims[2]) if dims[2] and dims[3] else None
-        self.session = onnxruntime_session(proto.SerializeToString(), device, intra_op_threads)
+        self.graph = proto.SerializeToString()  # what the session runs (after a batch-axis rewrite, that graph)
+        self.session = onnxruntime_session(self.graph, device, self.threads, SESSION_CONFIG)
         self.output_names = [o.name for o in self.session.get_outputs()]
         # Batch-1 exports fold the batch into the anchors of 2-D outputs: only 3-D outputs on a batch-dynamic
         # input are batched as they are.
         self.batched = dims[0] != 1 and all(len(tensor_dims(o)) == 3 for o in proto.graph.output)
         if not self.batched:
             self._try_dynamic_batch(proto)
+        self._workers: list[Any] = []  # the single-thread sessions, made on the first batch that uses them
         self.name = "onnxruntime-" + ("cuda" if device.startswith("cuda") else "cpu")
 
     def _probe(self, count: int) -> np.ndarray:
@@ -251,19 +270,85 @@ class ScrfdOnnxBackend:
         probe = self._probe(3)
         single = self._run_single(self.session, probe)
         try:
-            dynamic = onnxruntime_session(make_batch_dynamic(proto).SerializeToString(), self._device, self._threads)
+            graph = make_batch_dynamic(proto).SerializeToString()
+            dynamic = onnxruntime_session(graph, self._device, self.threads, SESSION_CONFIG)
             batched = dynamic.run(self.output_names, {self.input_name: probe})
         except Exception:  # noqa: BLE001 - a head we cannot rewrite: run images one at a time
             return
         if all(b.shape == s.shape and np.allclose(b, s, rtol=1e-5, atol=1e-5) for b, s in zip(batched, single)):
-            self.session, self.batched = dynamic, True
+            self.session, self.batched, self.graph = dynamic, True, graph
+
+    def _run(self, session: Any, batch: np.ndarray) -> list[np.ndarray]:
+        if not self.batched:
+            return self._run_single(session, batch)
+        outs = session.run(self.output_names, {self.input_name: batch})
+        return [out.reshape(len(batch), -1, out.shape[-1]) for out in outs]
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        if not self.batched:
-            return self._run_single(self.session, batch)
-        outs = self.session.run(self.output_names, {self.input_name: batch})
-        return [out.reshape(len(batch), -1, out.shape[-1]) for out in outs]
+        parts = min(self.threads, len(batch))
+        if parts < 2 or self._device != "cpu":
+            return self._run(self.session, batch)
+        while len(self._workers) < parts:
+            self._workers.append(onnxruntime_session(self.graph, self._device, 1))
+        # A pool per call: a pool kept on the backend would not survive a fork into worker processes.
+        with ThreadPoolExecutor(parts) as pool:
+            outputs = list(pool.map(self._run, self._workers[:parts], np.array_split(batch, parts)))
+        return [np.concatenate([out[k] for out in outputs]) for k in range(len(self.output_names))]
+
+
+class ScrfdOpenVinoBackend:
+    """The checked graph of :class:`ScrfdOnnxBackend` compiled by OpenVINO for the CPU in fp32 (opt-in).
+
+    Why: OpenVINO's convolutions are faster than onnxruntime's on some CPUs and its threads degrade less on a
+    busy machine (README "What was measured"). Its numbers are not onnxruntime's: scores differ by ~1e-7 and boxes
+    by ~1e-4 px, inside the golden tolerance (0.01 px, 1e-5) but not bit-equal, so a score that lands on
+    the threshold can fall on the other side; onnxruntime stays the default. Images run one at a time on a
+    static shape (OpenVINO plans memory per shape): a single image on ``intra_op_threads`` threads, a batch
+    over as many single-thread streams.
+    """
+
+    def __init__(self, model: str | os.PathLike | bytes, intra_op_threads: int | None = None) -> None:
+        from facepipe.runtime.openvino_backend import _require_openvino
+
+        self._ov = _require_openvino()
+        checked = ScrfdOnnxBackend(model, "cpu", intra_op_threads)  # parsed, checked, batch axis made dynamic
+        self.layout, self.input_size, self.batched = checked.layout, checked.input_size, True
+        self.output_names, self.threads = checked.output_names, checked.threads
+        self._network = self._ov.Core().read_model(io.BytesIO(checked.graph))
+        self._compiled: dict[tuple[int, int, bool], tuple[Any, list[Any]]] = {}  # -> (request queue, output ports)
+        self.name = "openvino-cpu"
+
+    def _model(self, height: int, width: int, streams: bool) -> Any:
+        key = (height, width, streams)
+        if key not in self._compiled:
+            network = self._network.clone()
+            network.reshape([1, 3, height, width])
+            config = {
+                "INFERENCE_PRECISION_HINT": "f32",
+                "PERFORMANCE_HINT": "THROUGHPUT" if streams else "LATENCY",
+                "NUM_STREAMS": self.threads if streams else 1,
+                "INFERENCE_NUM_THREADS": self.threads,
+                "ENABLE_CPU_PINNING": False,  # shared machines: a pinned thread waits for a busy core
+            }
+            compiled = self._ov.Core().compile_model(network, "CPU", config)
+            queue = self._ov.AsyncInferQueue(compiled, self.threads if streams else 1)
+            self._compiled[key] = (queue, [compiled.output(name) for name in self.output_names])
+        return self._compiled[key]
+
+    def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        queue, ports = self._model(batch.shape[2], batch.shape[3], streams=self.threads > 1 and len(batch) > 1)
+        results: list[list[np.ndarray]] = [[] for _ in batch]
+
+        def keep(request: Any, index: int) -> None:  # copies: a request reuses its output buffers
+            results[index] = [np.array(request.get_tensor(port).data, dtype=np.float32) for port in ports]
+
+        queue.set_callback(keep)
+        for index in range(len(batch)):
+            queue.start_async({0: batch[index : index + 1]}, index)
+        queue.wait_all()
+        return [np.stack([out[k].reshape(-1, out[k].shape[-1]) for out in results]) for k in range(len(ports))]
 
 
 @dataclass(frozen=True)
@@ -475,14 +560,21 @@ def create_scrfd(
 ) -> ScrfdDetector:
     """SCRFD from an insightface ONNX file (``weights``) or the detector of a model-pack folder (``pack``).
 
-    Options: every :class:`ScrfdSettings` field and ``intra_op_threads`` (default ``torch.get_num_threads()``).
+    Options: every :class:`ScrfdSettings` field, ``intra_op_threads`` (default ``torch.get_num_threads()``) and
+    ``runtime``: ``onnxruntime`` (default; insightface's numbers to the bit) or ``openvino`` (CPU, fp32; see
+    :class:`ScrfdOpenVinoBackend`).
     """
     settings = ScrfdSettings(**{k: v for k, v in options.items() if k in _SETTING_NAMES})
     rest = {k: v for k, v in options.items() if k not in _SETTING_NAMES}
     threads = rest.pop("intra_op_threads", None)
+    runtime = rest.pop("runtime", "onnxruntime")
     if rest:
-        known = sorted(_SETTING_NAMES | {"intra_op_threads"})
+        known = sorted(_SETTING_NAMES | {"intra_op_threads", "runtime"})
         raise TypeError(f"unknown SCRFD option(s) {sorted(rest)}; known: {', '.join(known)}")
+    if runtime not in ("onnxruntime", "openvino"):
+        raise ValueError(f"runtime must be 'onnxruntime' or 'openvino', got {runtime!r}")
+    if runtime == "openvino" and device != "cpu":
+        raise ValueError(f"the openvino runtime runs on the CPU, not {device}")
     if pack is not None:
         if weights is not None:
             raise ValueError("give SCRFD weights or a model pack, not both")
@@ -494,4 +586,6 @@ def create_scrfd(
             "scrfd needs an insightface SCRFD .onnx (e.g. det_10g.onnx of buffalo_l): pass --detector-weights FILE "
             "or a model pack folder"
         )
+    if runtime == "openvino":
+        return ScrfdDetector(ScrfdOpenVinoBackend(weights, intra_op_threads=threads), settings)
     return ScrfdDetector(ScrfdOnnxBackend(weights, device=device, intra_op_threads=threads), settings)
