@@ -8,6 +8,7 @@ budget, batched detection, chunked commits, manifest). Both write JPEG crops of 
     .venv/bin/python eval/bench_align.py                    # WIDER subset (323) + 300 CFP images
     .venv/bin/python eval/bench_align.py --limit 40         # quick check
     .venv/bin/python eval/bench_align.py --ceiling          # + what 2 cores allow (1-thread loop, cold start-up)
+    .venv/bin/python eval/bench_align.py --precision bf16 --stages   # + per-stage ms per image, fp32 and bf16
 
 The detector's network is ~90% of the work and the baseline already runs it on every core (onnxruntime
 threads), so a process per core can only win what a second thread does not (2 x one-thread rate vs the
@@ -39,9 +40,11 @@ import torch
 from facepipe.alignment import norm_crop
 from facepipe.engine.local import default_workers
 from facepipe.io.images import read_image
-from facepipe.pipeline.align import AlignConfig, align_confidence_threshold, run_align
+from facepipe.alignment import estimate_norm, warp_crops
+from facepipe.pipeline.align import AlignConfig, align_confidence_threshold, align_detector, decode_item, encode_crop, run_align
 from facepipe.pipeline.face_choice import choose_faces
 from facepipe.pipeline.sources import FileSource
+from facepipe.quality import laplacian_sharpness
 
 ASSETS = Path(os.environ.get("FACEPIPE_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "assets"
 
@@ -122,6 +125,75 @@ def baseline(paths: list[Path], root: Path, out_dir: Path, config: AlignConfig) 
     return time.perf_counter() - start
 
 
+STAGES = ("read+decode", "detect: preprocess", "detect: network", "detect: decode+NMS+faces", "warp+sharpness", "encode")
+
+
+def stage_seconds(paths: list[Path], root: Path, config: AlignConfig, precision: str, repeats: int = 3) -> dict[str, float]:
+    """Seconds per image of each stage of align's worker, one thread, one image at a time (median of ``repeats``
+    passes over ``paths``): what a worker process spends, stage by stage, with a detector of ``precision``.
+
+    The stages call what the worker calls (``decode_item``, the align detector, ``warp_crops``,
+    ``laplacian_sharpness``, ``encode_crop``); the detector is split by running its network alone on the same
+    input, the rest of ``detect()`` being preprocessing plus decoding, NMS and the Face records."""
+    options = {**config.detector_options, "intra_op_threads": 1, "precision": precision}
+    detector = align_detector(replace(config, detector_options=options))
+    retinaface = detector.detector  # inside the DownscalingDetector (no image here is over its limit)
+    source = FileSource(paths, root, "stages")
+    passes: list[dict[str, float]] = []
+    for _ in range(repeats):
+        spent = dict.fromkeys(STAGES, 0.0)
+        for item in source.items():
+            started = time.perf_counter()
+            image = decode_item(source, item, config.max_pixels).image
+            decoded = time.perf_counter()
+            if image is None:
+                continue
+            batch = retinaface.preprocess([image])
+            prepared = time.perf_counter()
+            retinaface.backend(batch)
+            networked = time.perf_counter()
+            faces = choose_faces(detector.detect([image])[0], image.shape, config.keep, config.min_score)
+            detected = time.perf_counter()
+            crops = np.zeros((0, config.size, config.size, 3), np.uint8)
+            if faces:
+                crops = warp_crops(image, estimate_norm(np.stack([f.landmarks for f in faces]), config.size), config.size)
+                laplacian_sharpness(crops)
+            warped = time.perf_counter()
+            for crop in crops:
+                encode_crop(crop, config.image_format, config.jpeg_quality)
+            encoded = time.perf_counter()
+            spent["read+decode"] += decoded - started
+            spent["detect: preprocess"] += prepared - decoded
+            spent["detect: network"] += networked - prepared
+            # detect() ran preprocessing and the network again: the rest of it is what follows the network
+            spent["detect: decode+NMS+faces"] += max(0.0, (detected - networked) - (networked - decoded))
+            spent["warp+sharpness"] += warped - detected
+            spent["encode"] += encoded - warped
+        passes.append({stage: seconds / len(paths) for stage, seconds in spent.items()})
+    return {stage: float(np.median([p[stage] for p in passes])) for stage in STAGES}
+
+
+def print_stages(paths: list[Path], root: Path, config: AlignConfig, precisions: list[str]) -> None:
+    """The per-image stage table (ms) for each precision, and the stage that limits a worker."""
+    cv2_threads, torch_threads = cv2.getNumThreads(), torch.get_num_threads()
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    try:
+        table = {p: stage_seconds(paths, root, config, p) for p in precisions}
+    finally:
+        cv2.setNumThreads(cv2_threads)
+        torch.set_num_threads(torch_threads)
+    print("per image, 1 thread (ms): " + " | ".join(f"{'stage':26s}" if i == 0 else p for i, p in enumerate(["", *precisions])))
+    for stage in STAGES:
+        print(f"  {stage:26s} " + " | ".join(f"{1000 * table[p][stage]:7.2f}" for p in precisions))
+    print(f"  {'total':26s} " + " | ".join(f"{1000 * sum(table[p].values()):7.2f}" for p in precisions))
+    for p in precisions:
+        total = sum(table[p].values())
+        limit = max(STAGES, key=table[p].get)
+        print(f"{p}: {limit} limits ({100 * table[p][limit] / total:.0f}% of a worker's time per image); "
+              f"everything but the network: {1000 * (total - table[p]['detect: network']):.2f} ms")
+
+
 _COLD_START = """
 import json, sys
 from pathlib import Path
@@ -156,6 +228,8 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
                         help="the pipeline's detector precision (README 'Reduced precision'); the baseline stays "
                              "onnxruntime fp32, as FaceAnalysis runs it")
+    parser.add_argument("--stages", action="store_true",
+                        help="also time each stage of a worker per image on 1 thread (fp32 and --precision) and say which limits")
     args = parser.parse_args()
     from facepipe.runtime.cpu import cpu_summary
 
@@ -211,6 +285,8 @@ def main() -> None:
                   f"pipeline start-up (2 images) {startup:.1f} s -> "
                   f"{len(paths) / (startup + len(paths) / best):.2f} images/s = "
                   f"{len(paths) / (startup + len(paths) / best) / base_rate:.2f}x with it")
+    if args.stages:
+        print_stages(paths, root, config, list(dict.fromkeys(["fp32", args.precision])))
 
 
 if __name__ == "__main__":
