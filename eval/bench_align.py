@@ -8,6 +8,7 @@ budget, batched detection, chunked commits, manifest). Both write JPEG crops of 
     .venv/bin/python eval/bench_align.py                    # WIDER subset (323) + 300 CFP images
     .venv/bin/python eval/bench_align.py --limit 40         # quick check
     .venv/bin/python eval/bench_align.py --ceiling          # + what 2 cores allow (1-thread loop, cold start-up)
+    .venv/bin/python eval/bench_align.py --precision bf16 --stages 100   # + per-stage ms per image, fp32 and bf16
 
 The detector's network is ~90% of the work and the baseline already runs it on every core (onnxruntime
 threads), so a process per core can only win what a second thread does not (2 x one-thread rate vs the
@@ -39,9 +40,11 @@ import torch
 from facepipe.alignment import norm_crop
 from facepipe.engine.local import default_workers
 from facepipe.io.images import read_image
-from facepipe.pipeline.align import AlignConfig, align_confidence_threshold, run_align
+from facepipe.alignment import estimate_norm, warp_crops
+from facepipe.pipeline.align import AlignConfig, align_confidence_threshold, align_detector, decode_item, encode_crop, run_align
 from facepipe.pipeline.face_choice import choose_faces
 from facepipe.pipeline.sources import FileSource
+from facepipe.quality import laplacian_sharpness
 
 ASSETS = Path(os.environ.get("FACEPIPE_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "assets"
 
@@ -122,6 +125,79 @@ def baseline(paths: list[Path], root: Path, out_dir: Path, config: AlignConfig) 
     return time.perf_counter() - start
 
 
+STAGES = ("read+decode", "detect: preprocess", "detect: network", "detect: decode+NMS+faces", "warp+sharpness", "encode")
+NEW_SHAPE = "  of which new-shape set-up"
+
+
+def stage_seconds(paths: list[Path], root: Path, config: AlignConfig, precision: str) -> dict[str, float]:
+    """Seconds per image of each stage of align's worker, one thread, each image once and one at a time (as a
+    worker meets them), with a detector of ``precision``.
+
+    The stages call what the worker calls (``decode_item``, the align detector, ``warp_crops``,
+    ``laplacian_sharpness``, ``encode_crop``). The network is timed alone on the image's input, the first time
+    its shape is run: a runtime sets itself up for each new input shape (OpenVINO much more than onnxruntime),
+    and images of a real run rarely share one. Running it again gives that set-up (``NEW_SHAPE``); the rest of
+    ``detect()`` (then at a warm shape) minus preprocessing and the warm network is decoding, NMS and Faces."""
+    options = {**config.detector_options, "intra_op_threads": 1, "precision": precision}
+    detector = align_detector(replace(config, detector_options=options))
+    retinaface = detector.detector  # inside the DownscalingDetector (no image here is over its limit)
+    source = FileSource(paths, root, "stages")
+    spent = dict.fromkeys((*STAGES, NEW_SHAPE), 0.0)
+    for item in source.items():
+        started = time.perf_counter()
+        image = decode_item(source, item, config.max_pixels).image
+        decoded = time.perf_counter()
+        if image is None:
+            continue
+        batch = retinaface.preprocess([image])
+        prepared = time.perf_counter()
+        retinaface.backend(batch)
+        first_run = time.perf_counter()
+        retinaface.backend(batch)
+        second_run = time.perf_counter()
+        faces = choose_faces(detector.detect([image])[0], image.shape, config.keep, config.min_score)
+        detected = time.perf_counter()
+        crops = np.zeros((0, config.size, config.size, 3), np.uint8)
+        if faces:
+            crops = warp_crops(image, estimate_norm(np.stack([f.landmarks for f in faces]), config.size), config.size)
+            laplacian_sharpness(crops)
+        warped = time.perf_counter()
+        for crop in crops:
+            encode_crop(crop, config.image_format, config.jpeg_quality)
+        encoded = time.perf_counter()
+        preprocess, cold, warm = prepared - decoded, first_run - prepared, second_run - first_run
+        spent["read+decode"] += decoded - started
+        spent["detect: preprocess"] += preprocess
+        spent["detect: network"] += cold
+        spent[NEW_SHAPE] += max(0.0, cold - warm)
+        spent["detect: decode+NMS+faces"] += max(0.0, (detected - second_run) - preprocess - warm)
+        spent["warp+sharpness"] += warped - detected
+        spent["encode"] += encoded - warped
+    return {stage: seconds / len(paths) for stage, seconds in spent.items()}
+
+
+def print_stages(paths: list[Path], root: Path, config: AlignConfig, precisions: list[str]) -> None:
+    """The per-image stage table (ms) for each precision, and the stage that limits a worker."""
+    cv2_threads, torch_threads = cv2.getNumThreads(), torch.get_num_threads()
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    try:
+        table = {p: stage_seconds(paths, root, config, p) for p in precisions}
+    finally:
+        cv2.setNumThreads(cv2_threads)
+        torch.set_num_threads(torch_threads)
+    print("per image, 1 thread (ms): " + " | ".join(f"{'stage':26s}" if i == 0 else p for i, p in enumerate(["", *precisions])))
+    for stage in (*STAGES[:3], NEW_SHAPE, *STAGES[3:]):
+        print(f"  {stage:26s} " + " | ".join(f"{1000 * table[p][stage]:7.2f}" for p in precisions))
+    totals = {p: sum(table[p][stage] for stage in STAGES) for p in precisions}
+    print(f"  {'total':26s} " + " | ".join(f"{1000 * totals[p]:7.2f}" for p in precisions))
+    for p in precisions:
+        total = totals[p]
+        limit = max(STAGES, key=table[p].get)
+        print(f"{p}: {limit} limits ({100 * table[p][limit] / total:.0f}% of a worker's time per image); "
+              f"everything but the network: {1000 * (total - table[p]['detect: network']):.2f} ms")
+
+
 _COLD_START = """
 import json, sys
 from pathlib import Path
@@ -156,6 +232,9 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
                         help="the pipeline's detector precision (README 'Reduced precision'); the baseline stays "
                              "onnxruntime fp32, as FaceAnalysis runs it")
+    parser.add_argument("--stages", type=int, default=0, metavar="N",
+                        help="also time each stage of a worker per image on 1 thread (fp32 and --precision) over N of the "
+                             "images (interleaved WIDER/CFP) and say which limits")
     args = parser.parse_args()
     from facepipe.runtime.cpu import cpu_summary
 
@@ -211,6 +290,10 @@ def main() -> None:
                   f"pipeline start-up (2 images) {startup:.1f} s -> "
                   f"{len(paths) / (startup + len(paths) / best):.2f} images/s = "
                   f"{len(paths) / (startup + len(paths) / best) / base_rate:.2f}x with it")
+    if args.stages:
+        stage_paths, _ = collect_images(args.stages)
+        print(f"stages over {len(stage_paths)} images:")
+        print_stages(stage_paths, root, config, list(dict.fromkeys(["fp32", args.precision])))
 
 
 if __name__ == "__main__":

@@ -57,29 +57,86 @@ def box_iou(a: np.ndarray, b: np.ndarray, plus_one: bool = False) -> np.ndarray:
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
-def nms(dets: np.ndarray, threshold: float) -> np.ndarray:
+# Boxes resolved together: a (B, B) overlap block plus one (kept, B) block stays in cache and bounds memory
+# for the 5,000 reference candidates; measured fastest among 128-1024 on the VGA WIDER candidates.
+NMS_BLOCK = 256
+
+
+def _overlaps(x1, y1, x2, y2, areas, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU ``(len(a), len(b))`` (+1 areas) of the boxes at positions ``a`` against those at ``b``.
+
+    The operations are those of ``py_cpu_nms`` in its order and dtype, and each is symmetric in the two
+    boxes, so every entry is bit-identical to the value the reference loop computes for that pair.
+    """
+    w = np.maximum(0.0, np.minimum(x2[a, None], x2[None, b]) - np.maximum(x1[a, None], x1[None, b]) + 1)
+    h = np.maximum(0.0, np.minimum(y2[a, None], y2[None, b]) - np.maximum(y1[a, None], y1[None, b]) + 1)
+    inter = w * h
+    with np.errstate(divide="ignore", invalid="ignore"):  # the reference suppresses these too (NaN <= t is False)
+        return inter / (areas[a, None] + areas[None, b] - inter)
+
+
+# Whole-block rounds before the rest of a block is finished box by box (see _greedy_in_block). Real
+# candidates settle in 2-4 rounds; the cap bounds the cost of contrived chains of overlaps.
+NMS_ROUNDS = 6
+
+
+def _greedy_in_block(suppresses: np.ndarray) -> np.ndarray:
+    """Greedy NMS inside one score-ordered block of boxes: a mask of the kept ones.
+
+    ``suppresses[i, j]`` (i before j) means box i removes box j if i is kept. Instead of a Python step per
+    kept box, rounds of whole-block steps: a box suppressed by a kept box is removed; a box that no earlier
+    kept-or-undecided box suppresses is kept. Each decision is the greedy one and the first undecided box
+    is always decided in the next round, but a chain "i suppresses j suppresses k ..." takes a round per
+    link, so after ``NMS_ROUNDS`` the boxes still undecided are settled one at a time in order.
+    """
+    suppresses = np.triu(suppresses, k=1)
+    kept = np.zeros(len(suppresses), dtype=bool)
+    undecided = np.ones(len(suppresses), dtype=bool)
+    for _ in range(NMS_ROUNDS):
+        if not undecided.any():
+            return kept
+        undecided &= ~suppresses[kept].any(axis=0)
+        newly_kept = undecided & ~suppresses[kept | undecided].any(axis=0)
+        kept |= newly_kept
+        undecided &= ~newly_kept
+    for i in np.flatnonzero(undecided):  # every box before i is decided by now
+        kept[i] = not suppresses[kept, i].any()
+    return kept
+
+
+def nms(dets: np.ndarray, threshold: float, limit: int | None = None, min_score: float | None = None) -> np.ndarray:
     """Greedy NMS exactly as the reference ``py_cpu_nms``: indices of kept rows of ``dets (N, >=5)``.
 
     ``dets`` columns are x1, y1, x2, y2, score. Areas use +1; a box is suppressed when its IoU with a kept
     box is above ``threshold``. Ties in score keep numpy's ``argsort()[::-1]`` order, as the reference.
+    ``limit`` returns only the first ``limit`` kept indices (``nms(dets, t)[:limit]``) and stops there.
+    ``min_score`` returns only kept boxes scoring at least that, i.e. ``keep[dets[keep, 4] >= min_score]``,
+    without looking at the boxes below it: a box can only be suppressed by boxes that score higher.
+
+    Same kept rows in the same order as the reference loop, without its Python iteration per kept box:
+    candidates are taken in score order ``NMS_BLOCK`` at a time; a block is first filtered by the boxes
+    kept so far (one vectorised IoU block) and then resolved within itself (:func:`_greedy_in_block`).
     """
     dets = np.asarray(dets)
     if dets.ndim != 2 or dets.shape[1] < 5:
         raise ValueError(f"nms expects (N, >=5) detections, got shape {dets.shape}")
-    x1, y1, x2, y2, scores = dets[:, 0], dets[:, 1], dets[:, 2], dets[:, 3], dets[:, 4]
-    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
-    order = scores.argsort()[::-1]
-    keep: list[int] = []
-    while order.size > 0:
-        i = order[0]
-        keep.append(int(i))
-        rest = order[1:]
-        w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + 1)
-        h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + 1)
-        inter = w * h
-        overlap = inter / (areas[i] + areas[rest] - inter)
-        order = rest[overlap <= threshold]
-    return np.asarray(keep, dtype=np.int64)
+    limit = len(dets) if limit is None else max(int(limit), 0)
+    order = dets[:, 4].argsort()[::-1]
+    if min_score is not None:
+        # A suffix of the order (NaN scores sort first and are kept, as the reference does).
+        order = order[~(dets[order, 4] < min_score)]
+    x1, y1, x2, y2 = (np.ascontiguousarray(dets[order, k]) for k in range(4))
+    areas = (x2 - x1 + 1) * (y2 - y1 + 1)  # in score order (positions), values as the reference's
+    kept = np.zeros(0, dtype=np.int64)  # positions in score order, increasing
+    for start in range(0, len(order), NMS_BLOCK):
+        if len(kept) >= limit:
+            break
+        block = np.arange(start, min(start + NMS_BLOCK, len(order)))
+        if len(kept):
+            block = block[(_overlaps(x1, y1, x2, y2, areas, kept, block) <= threshold).all(axis=0)]
+        suppresses = ~(_overlaps(x1, y1, x2, y2, areas, block, block) <= threshold)
+        kept = np.concatenate([kept, block[_greedy_in_block(suppresses)]])
+    return order[kept[:limit]].astype(np.int64)
 
 
 def box_voting(dets: np.ndarray, threshold: float = 0.4) -> np.ndarray:

@@ -211,10 +211,13 @@ class RetinaFaceDetector:
         order = candidates[scores[candidates].argsort()[::-1]][: s.top_k]
         scale = np.array([p.width, p.height] * 5, dtype=np.float32)
         boxes = decode(loc[order], priors[order]) * scale[:4] / np.float32(p.resize)
-        points = decode_landmarks(landms[order], priors[order]) * scale / np.float32(p.resize)
         dets = np.hstack([boxes, scores[order, None]]).astype(np.float32, copy=False)
-        keep = nms(dets, s.nms_threshold)[: s.keep_top_k]
-        rows = np.hstack([dets[keep], points[keep]]).astype(np.float32, copy=False)
+        # Faces under `threshold` are dropped at the end and cannot suppress higher scores, so NMS may skip
+        # them -- except before box voting, which averages every detection.
+        min_score = None if s.scale == "multiscale" else s.threshold
+        keep = nms(dets, s.nms_threshold, limit=s.keep_top_k, min_score=min_score)
+        points = decode_landmarks(landms[order[keep]], priors[order[keep]]) * scale / np.float32(p.resize)
+        rows = np.hstack([dets[keep], points]).astype(np.float32, copy=False)
         if p.flip:
             rows = _unflip(rows, shape[1])
         return rows
