@@ -151,15 +151,8 @@ VGA = (640, 480)
 
 
 def scrfd_at(precision: str, threads: int):
-    """SCRFD-2.5G at ``precision``. ``create_scrfd`` has no precision option (yet): bf16 replaces its onnxruntime
-    session by OpenVINO's on the file's own graph, run one image at a time (as ``detect()`` of one image is)."""
-    detector = create_detector("scrfd", weights=str(SCRFD_WEIGHTS), intra_op_threads=threads)
-    if precision != "fp32":
-        from facepipe.runtime.openvino_backend import OpenVinoSession
-
-        detector.backend.session = OpenVinoSession(SCRFD_WEIGHTS.read_bytes(), precision, threads)
-        detector.backend.batched = False
-    return detector
+    """SCRFD-2.5G at ``precision``: fp32 is onnxruntime (insightface's numbers), bf16 OpenVINO on the same graph."""
+    return create_detector("scrfd", weights=str(SCRFD_WEIGHTS), intra_op_threads=threads, precision=precision)
 
 
 def detector_rows(args, name: str) -> list[dict]:

@@ -94,8 +94,8 @@ def check_detector_precision(precision: str, detector: str, device: str) -> None
         return
     if precision == "int8":
         raise click.UsageError("--precision int8 is for embedders; detectors run fp32, bf16 or auto")
-    if not detector.startswith("retinaface"):
-        raise click.UsageError(f"--precision {precision} is for the RetinaFace detectors; {detector} runs fp32")
+    if not (detector.startswith("retinaface") or detector == "scrfd"):
+        raise click.UsageError(f"--precision {precision} is for the RetinaFace and SCRFD detectors; {detector} runs fp32")
     try:
         resolve_precision(precision, detector, device=device)
     except PrecisionError as exc:

@@ -47,6 +47,7 @@ from facepipe.detection.backends import onnxruntime_session
 from facepipe.detection.base import check_images
 from facepipe.detection.box_ops import nms
 from facepipe.io.files import FileReadError, check_regular_file
+from facepipe.runtime.cpu import PrecisionError, resolve_precision
 from facepipe.types import Face
 
 ScalePolicy = Literal["letterbox", "original"]
@@ -298,7 +299,8 @@ class ScrfdOnnxBackend:
 
 
 class ScrfdOpenVinoBackend:
-    """The checked graph of :class:`ScrfdOnnxBackend` compiled by OpenVINO for the CPU in fp32 (opt-in).
+    """The checked graph of :class:`ScrfdOnnxBackend` compiled by OpenVINO for the CPU: fp32 (opt-in,
+    ``runtime="openvino"``) or bf16 (``precision="bf16"``; its WIDER AP in ``eval/precision_report.py``).
 
     Why: OpenVINO's convolutions are faster than onnxruntime's on some CPUs and its threads degrade less on a
     busy machine (README "What was measured"). Its numbers are not onnxruntime's: scores differ by ~1e-7 and boxes
@@ -308,8 +310,14 @@ class ScrfdOpenVinoBackend:
     over as many single-thread streams.
     """
 
-    def __init__(self, model: str | os.PathLike | bytes, intra_op_threads: int | None = None) -> None:
+    def __init__(
+        self, model: str | os.PathLike | bytes, intra_op_threads: int | None = None, precision: str = "fp32"
+    ) -> None:
         from facepipe.runtime.openvino_backend import _require_openvino
+
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"OpenVINO runs SCRFD in fp32 or bf16, got {precision!r}")
+        self.precision = precision
 
         self._ov = _require_openvino()
         checked = ScrfdOnnxBackend(model, "cpu", intra_op_threads)  # parsed, checked, batch axis made dynamic
@@ -317,7 +325,7 @@ class ScrfdOpenVinoBackend:
         self.output_names, self.threads = checked.output_names, checked.threads
         self._network = self._ov.Core().read_model(io.BytesIO(checked.graph))
         self._compiled: dict[tuple[int, int, bool], tuple[Any, list[Any]]] = {}  # -> (request queue, output ports)
-        self.name = "openvino-cpu"
+        self.name = "openvino-cpu" + ("-bf16" if precision == "bf16" else "")
 
     def _model(self, height: int, width: int, streams: bool) -> Any:
         key = (height, width, streams)
@@ -325,7 +333,7 @@ class ScrfdOpenVinoBackend:
             network = self._network.clone()
             network.reshape([1, 3, height, width])
             config = {
-                "INFERENCE_PRECISION_HINT": "f32",
+                "INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
                 "PERFORMANCE_HINT": "THROUGHPUT" if streams else "LATENCY",
                 "NUM_STREAMS": self.threads if streams else 1,
                 "INFERENCE_NUM_THREADS": self.threads,
@@ -560,16 +568,18 @@ def create_scrfd(
 ) -> ScrfdDetector:
     """SCRFD from an insightface ONNX file (``weights``) or the detector of a model-pack folder (``pack``).
 
-    Options: every :class:`ScrfdSettings` field, ``intra_op_threads`` (default ``torch.get_num_threads()``) and
+    Options: every :class:`ScrfdSettings` field, ``intra_op_threads`` (default ``torch.get_num_threads()``),
     ``runtime``: ``onnxruntime`` (default; insightface's numbers to the bit) or ``openvino`` (CPU, fp32; see
-    :class:`ScrfdOpenVinoBackend`).
+    :class:`ScrfdOpenVinoBackend`), and ``precision``: ``fp32`` (default), ``bf16`` (OpenVINO) or ``auto``
+    (``facepipe.runtime.cpu.resolve_precision``; int8 is refused: detectors run fp32 or bf16).
     """
     settings = ScrfdSettings(**{k: v for k, v in options.items() if k in _SETTING_NAMES})
     rest = {k: v for k, v in options.items() if k not in _SETTING_NAMES}
     threads = rest.pop("intra_op_threads", None)
     runtime = rest.pop("runtime", "onnxruntime")
+    precision = str(rest.pop("precision", None) or "fp32").lower()
     if rest:
-        known = sorted(_SETTING_NAMES | {"intra_op_threads", "runtime"})
+        known = sorted(_SETTING_NAMES | {"intra_op_threads", "runtime", "precision"})
         raise TypeError(f"unknown SCRFD option(s) {sorted(rest)}; known: {', '.join(known)}")
     if runtime not in ("onnxruntime", "openvino"):
         raise ValueError(f"runtime must be 'onnxruntime' or 'openvino', got {runtime!r}")
@@ -586,6 +596,10 @@ def create_scrfd(
             "scrfd needs an insightface SCRFD .onnx (e.g. det_10g.onnx of buffalo_l): pass --detector-weights FILE "
             "or a model pack folder"
         )
+    if precision == "int8":
+        raise PrecisionError("precision int8 is for embedders; scrfd runs fp32 or bf16 (its outputs move too much in int8)")
+    if resolve_precision(precision, "scrfd", device=device) == "bf16":
+        return ScrfdDetector(ScrfdOpenVinoBackend(weights, intra_op_threads=threads, precision="bf16"), settings)
     if runtime == "openvino":
         return ScrfdDetector(ScrfdOpenVinoBackend(weights, intra_op_threads=threads), settings)
     return ScrfdDetector(ScrfdOnnxBackend(weights, device=device, intra_op_threads=threads), settings)

@@ -40,6 +40,7 @@ AUTO_ORDER: dict[str, tuple[Precision, ...]] = {
     "iresnet100": ("bf16",),
     "iresnet200": ("bf16",),
     "onnx": ("bf16",),
+    "scrfd": ("bf16",),
     "retinaface": ("bf16",),
     "retinaface-r50": ("bf16",),
     "retinaface-onnx": ("bf16",),

@@ -40,3 +40,25 @@ def test_runtime_option_is_checked():
         create_scrfd(WEIGHTS, runtime="tensorrt")
     with pytest.raises(ValueError, match="runs on the CPU"):
         create_scrfd(WEIGHTS, runtime="openvino", device="cuda")
+
+
+def test_bf16_finds_the_fp32_faces_and_int8_is_refused():
+    from facepipe.runtime.cpu import PrecisionError, unsupported_reason
+
+    if unsupported_reason("bf16") is not None:
+        with pytest.raises(PrecisionError):
+            create_scrfd(WEIGHTS, precision="bf16")
+        assert create_scrfd(WEIGHTS, precision="auto").backend.name.startswith("onnxruntime")  # auto falls back
+        return
+    bf16 = create_scrfd(WEIGHTS, precision="bf16", intra_op_threads=1)
+    assert bf16.backend.name == "openvino-cpu-bf16" and create_scrfd(WEIGHTS, precision="auto").backend.name == bf16.backend.name
+    fp32 = create_scrfd(WEIGHTS)
+    for key in ("images/group/t1.jpg", "images/celebrities/Elon_Musk.jpg"):
+        image = read(key)
+        expected, got = fp32.detect_rows([image])[0], bf16.detect_rows([image])[0]
+        assert len(got) == len(expected) >= 1, key
+        # bf16 keeps 8 mantissa bits: boxes move by a fraction of a pixel, scores by ~1e-3 (AP in the precision report).
+        np.testing.assert_allclose(got[:, :4], expected[:, :4], rtol=0, atol=2.0)
+        np.testing.assert_allclose(got[:, 4], expected[:, 4], rtol=0, atol=0.02)
+    with pytest.raises(PrecisionError, match="int8 is for embedders"):
+        create_scrfd(WEIGHTS, precision="int8")

@@ -191,3 +191,20 @@ def test_align_refuses_int8_and_mtcnn_precision_in_one_line(tmp_path):
         result = runner.invoke(main, ["align", str(image), "--out", str(tmp_path / "out"), *extra])
         assert result.exit_code == 2, result.output
         assert needle in result.output and "Traceback" not in result.output
+
+
+@needs_bf16
+def test_detect_runs_scrfd_in_bf16(home, tmp_path):
+    from facepipe.cli import main
+
+    image = shared_path("images", "group", "t1.jpg")
+    weights = shared_path("weights", "scrfd", "scrfd_2.5g_bnkps.onnx")
+    rows = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / f"{precision}.jsonl"
+        result = CliRunner().invoke(main, ["detect", str(image), "--out", str(out), "--detector", "scrfd",
+                                           "--detector-weights", str(weights), "--precision", precision])
+        assert result.exit_code == 0, result.output
+        rows[precision] = [json.loads(line) for line in out.read_text().splitlines()]
+    faces = {precision: [face for row in found for face in row["faces"]] for precision, found in rows.items()}
+    assert len(faces["bf16"]) == len(faces["fp32"]) == 6
