@@ -108,16 +108,22 @@ def write_synthetic(folder: Path, n_images: int, seed: int = 0) -> dict:
 
 def child(folder: Path) -> None:
     from facepipe.audit.data import load_embedding_folder
-    from facepipe.audit.run import audit
+    from facepipe.audit.run import audit, write_outputs
 
     started = time.perf_counter()
     data = load_embedding_folder(folder)
     loaded = time.perf_counter() - started
+    load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     result = audit(data)
+    written = time.perf_counter()
+    write_outputs(result, folder / "audit")
     seconds = time.perf_counter() - started
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    stages = result.summary["stages"]
+    stages["seconds"] = {"load": round(loaded, 1), **stages["seconds"], "write": round(time.perf_counter() - written, 1)}
+    stages["peak_rss_gb"] = {"load": round(load_peak, 2), **stages["peak_rss_gb"], "write": round(peak_gb, 2)}
     print(json.dumps({"seconds": round(seconds, 1), "load_seconds": round(loaded, 1), "peak_rss_gb": round(peak_gb, 2),
-                      "flagged": result.summary["flagged"], "search": result.summary["search"]}))
+                      "flagged": result.summary["flagged"], "search": result.summary["search"], "stages": stages}))
 
 
 def main() -> None:
@@ -146,6 +152,8 @@ def main() -> None:
             f"({truth['misfiled']} / {truth['split']} / {truth['copies']}) | {search['method']}, {search['recall']:.3f} |",
             flush=True,
         )
+        print("    stages (s / peak RSS GB at its end): " + ", ".join(
+            f"{name} {sec} / {result['stages']['peak_rss_gb'][name]}" for name, sec in result["stages"]["seconds"].items()), flush=True)
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -14,7 +14,9 @@ Outputs in ``out_dir`` (each table as ``.csv`` and ``.parquet``, most suspicious
 from __future__ import annotations
 
 import json
+import resource
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,21 +24,33 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from facepipe.audit.checks import (
-    Thresholds,
-    derive_thresholds,
-    label_noise,
-    near_duplicate_pairs,
-    robust_centres,
-    split_half_similarities,
-)
+from facepipe.audit.checks import Thresholds, derive_thresholds, label_noise, near_duplicate_pairs, robust_centres
 from facepipe.audit.data import EmbeddingSet, check_same_model
-from facepipe.audit.neighbours import nearest
+from facepipe.audit.identities import identity_statistics
+from facepipe.audit.neighbours import image_neighbours, nearest
 
 TABLES = ("label_noise", "duplicate_identities", "near_duplicates", "overlap")
 CENTRE_NEIGHBOURS = 5
 IMAGE_NEIGHBOURS = 5
 NEAR_MARGIN = 0.05
+
+
+@dataclass
+class Stages:
+    """Seconds spent in each stage, and the process's peak RSS (GB) when it ended: where time and memory go."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    peak_rss_gb: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, name: str):
+        started = time.perf_counter()
+        yield
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - started, 2)
+        self.peak_rss_gb[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)  # Linux: KiB
+
+    def to_dict(self) -> dict[str, dict[str, float]]:
+        return {"seconds": dict(self.seconds), "peak_rss_gb": dict(self.peak_rss_gb)}
 
 
 @dataclass
@@ -51,28 +65,39 @@ def audit(
     against: Sequence[EmbeddingSet] = (),
     overrides: dict[str, float | None] | None = None,
     exact_limit: float | None = None,
+    engine: str = "local",
+    ray_options: Any = None,
 ) -> AuditResult:
-    """Every check on ``train`` (and its overlap with each of ``against``)."""
+    """Every check on ``train`` (and its overlap with each of ``against``). ``engine``: where the per-identity
+    work runs (``facepipe.audit.identities``): "local" (this process) or "ray" (``ray_options``, a ``RayOptions``)."""
     started = time.perf_counter()
     for other in against:
         check_same_model(train, other)
     search = {} if exact_limit is None else {"exact_limit": exact_limit}
+    stage = Stages()
     n_ids = len(train.names)
     counts = np.bincount(train.identity[train.identity >= 0], minlength=n_ids)
-    centres = robust_centres(train.vectors, train.identity, n_ids)
-    noise = label_noise(train.vectors, train.identity, centres, **search)
-    centre_nn = nearest(centres.unit, centres.unit, k=CENTRE_NEIGHBOURS + 1, **search)
-    image_nn = nearest(train.vectors, train.vectors, k=IMAGE_NEIGHBOURS + 1, **search)
-    split = split_half_similarities(train.vectors, train.identity, n_ids)
-    thresholds = derive_thresholds(noise, centre_nn, split, image_nn, train.identity, overrides)
-
-    duplicates = _duplicate_table(train, centre_nn, thresholds)
-    tables = {
-        "label_noise": _label_noise_table(train, noise, thresholds, duplicates),
-        "duplicate_identities": duplicates,
-        "near_duplicates": _near_duplicate_table(train, image_nn, thresholds),
-        "overlap": _overlap_table(train, centres.unit, against, thresholds, search),
-    }
+    with stage("centres"):  # and every other per-identity statistic, on the chosen engine
+        per_identity = identity_statistics(train.vectors, train.identity, n_ids, engine, ray_options)
+        centres, split = per_identity.centres, per_identity.split_half
+    with stage("label_noise"):
+        noise = label_noise(train.vectors, train.identity, centres, per_identity.score, **search)
+    with stage("duplicate_identities"):
+        centre_nn = nearest(centres.unit, centres.unit, k=CENTRE_NEIGHBOURS + 1, **search)
+    with stage("near_duplicates"):
+        cells = np.column_stack([train.identity, noise.neighbours.indices])  # own identity + the 2 nearest centres
+        image_nn = image_neighbours(train.vectors, cells, k=IMAGE_NEIGHBOURS + 1, **search)
+        del cells
+    with stage("tables"):
+        thresholds = derive_thresholds(noise, centre_nn, split, image_nn, train.identity, overrides)
+        duplicates = _duplicate_table(train, centre_nn, thresholds)
+        tables = {
+            "label_noise": _label_noise_table(train, noise, thresholds, duplicates),
+            "duplicate_identities": duplicates,
+            "near_duplicates": _near_duplicate_table(train, image_nn, thresholds),
+        }
+    with stage("overlap"):
+        tables["overlap"] = _overlap_table(train, centres.unit, against, thresholds, search)
     summary = {
         "images": int(len(train.vectors)),
         "identities": int(n_ids),
@@ -88,6 +113,7 @@ def audit(
         },
         "against": [other.name for other in against],
         "seconds": round(time.perf_counter() - started, 2),
+        "stages": stage.to_dict(),
     }
     return AuditResult(tables, thresholds, summary)
 
