@@ -134,12 +134,12 @@ def _chunks(identity: np.ndarray, n_identities: int, chunk_rows: int) -> list[Id
 
 
 def identity_statistics(
-    vectors: Any, identity: np.ndarray, n_identities: int, engine: str = "local", options: Any = None, chunk_rows: int = CHUNK_ROWS
+    vectors: Any, identity: np.ndarray, n_identities: int, engine: str = "local", options: Any = None, chunk_rows: int | None = None
 ) -> IdentityStatistics:
     """Run the ``IdentityJob`` on ``engine`` ("local": this process; "ray": Ray tasks with ``options``, a
-    ``RayOptions``)."""
+    ``RayOptions``); ``chunk_rows`` defaults to ``CHUNK_ROWS``."""
     from facepipe.engine.local import run_job
 
-    job = IdentityJob(vectors, identity, n_identities, chunk_rows)
+    job = IdentityJob(vectors, identity, n_identities, chunk_rows or CHUNK_ROWS)
     engine_options = {"options": options} if engine == "ray" else {}
     return run_job(job, engine=engine, workers=0, progress=False, **engine_options)

@@ -37,20 +37,23 @@ NEAR_MARGIN = 0.05
 
 @dataclass
 class Stages:
-    """Seconds spent in each stage, and the process's peak RSS (GB) when it ended: where time and memory go."""
+    """Wall seconds, CPU seconds (this process's, all threads: on shared cores the steadier figure) and the
+    process's peak RSS (GB) at the end of each stage: where time and memory go."""
 
     seconds: dict[str, float] = field(default_factory=dict)
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
     peak_rss_gb: dict[str, float] = field(default_factory=dict)
 
     @contextmanager
     def __call__(self, name: str):
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         yield
-        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - started, 2)
+        self.seconds[name] = round(time.perf_counter() - started, 2)
+        self.cpu_seconds[name] = round(time.process_time() - cpu, 2)
         self.peak_rss_gb[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)  # Linux: KiB
 
     def to_dict(self) -> dict[str, dict[str, float]]:
-        return {"seconds": dict(self.seconds), "peak_rss_gb": dict(self.peak_rss_gb)}
+        return {"seconds": dict(self.seconds), "cpu_seconds": dict(self.cpu_seconds), "peak_rss_gb": dict(self.peak_rss_gb)}
 
 
 @dataclass
