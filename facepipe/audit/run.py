@@ -7,7 +7,8 @@ Outputs in ``out_dir`` (each table as ``.csv`` and ``.parquet``, most suspicious
 - ``near_duplicates``: ``path_a, path_b, similarity, flagged`` (pairs within 0.05 of the threshold or above);
 - ``overlap``: ``identity, against, other, similarity, flagged`` (``other``: the evaluation identity, or the
   image when the evaluation set has none);
-- ``summary.json``: counts, thresholds and how each was chosen, the neighbour search used and its recall;
+- ``summary.json``: counts, thresholds and how each was chosen, the neighbour search used and its recall, and
+  each stage's wall and CPU seconds and the peak RSS at its end (``stages``);
 - ``report.html`` (``facepipe.audit.report``).
 """
 
