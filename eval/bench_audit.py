@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -109,7 +108,7 @@ def write_synthetic(folder: Path, n_images: int, seed: int = 0) -> dict:
 
 def child(folder: Path) -> None:
     from facepipe.audit.data import load_embedding_folder
-    from facepipe.audit.run import Stages, audit, write_outputs
+    from facepipe.audit.run import Stages, audit, peak_rss_gb, write_outputs
 
     started = time.perf_counter()
     outer = Stages()
@@ -122,7 +121,7 @@ def child(folder: Path) -> None:
     inner = result.summary["stages"]
     stages = {key: {"load": outer.to_dict()[key]["load"], **inner[key], "write": outer.to_dict()[key]["write"]} for key in inner}
     print(json.dumps({"seconds": round(seconds, 1), "cpu_seconds": round(time.process_time(), 1),
-                      "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
+                      "peak_rss_gb": round(peak_rss_gb(), 2),
                       "flagged": result.summary["flagged"], "search": result.summary["search"], "stages": stages}))
 
 

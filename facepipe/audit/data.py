@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from facepipe.audit.rows import ShardRows
+from facepipe.audit.rows import ShardFile, ShardRows
 
 
 class AuditInputError(ValueError):
@@ -65,15 +65,15 @@ def load_embedding_folder(emb_dir: str | Path, name: str | None = None) -> Embed
     paths: list[str] = []
     identities: list[str] = []
     skipped = {"error_rows": 0, "non_finite": 0, "zero_vectors": 0}
-    for matrix, rows in iter_shards(emb_dir, manifest=manifest):
+    for _, rows in iter_shards(emb_dir, manifest=manifest):  # checks the rows; its memory map is never read
+        path = emb_dir / SHARDS_DIR / f"{SHARD_PREFIX}-{int(rows['shard'].iloc[0]):06d}.npy"
         ok = (rows["status"] == "ok").to_numpy()
         skipped["error_rows"] += int((~ok).sum())
-        finite, nonzero = _usable_rows(matrix)
+        finite, nonzero = _usable_rows(ShardFile(path), rows["row"].to_numpy())
         skipped["non_finite"] += int((ok & ~finite).sum())
         skipped["zero_vectors"] += int((ok & finite & ~nonzero).sum())
         good = ok & finite & nonzero
-        shard = int(rows["shard"].iloc[0]) if len(rows) else 0
-        shards.append((emb_dir / SHARDS_DIR / f"{SHARD_PREFIX}-{shard:06d}.npy", rows["row"].to_numpy()[good]))
+        shards.append((path, rows["row"].to_numpy()[good]))
         paths.extend(rows["path"][good].tolist())
         identities.extend(rows["identity"][good].tolist())
     if not paths:
@@ -91,12 +91,12 @@ def load_embedding_folder(emb_dir: str | Path, name: str | None = None) -> Embed
     )
 
 
-def _usable_rows(matrix: np.ndarray, block: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
-    """(finite, non-zero) per row of a shard matrix, read in blocks (it may be memory-mapped)."""
-    finite = np.zeros(len(matrix), dtype=bool)
-    nonzero = np.zeros(len(matrix), dtype=bool)
-    for start in range(0, len(matrix), block):
-        rows = np.asarray(matrix[start : start + block], dtype=np.float32)
+def _usable_rows(shard: ShardFile, positions: np.ndarray, block: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+    """(finite, non-zero) for rows ``positions`` of a shard file, read in blocks."""
+    finite = np.zeros(len(positions), dtype=bool)
+    nonzero = np.zeros(len(positions), dtype=bool)
+    for start in range(0, len(positions), block):
+        rows = shard.read(positions[start : start + block]).astype(np.float32)
         ok = np.isfinite(rows).all(axis=1)
         finite[start : start + block] = ok
         nonzero[start : start + block] = np.linalg.norm(np.where(ok[:, None], rows, 0), axis=1) > 0

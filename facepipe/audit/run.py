@@ -36,6 +36,20 @@ IMAGE_NEIGHBOURS = 5
 NEAR_MARGIN = 0.05
 
 
+def peak_rss_gb() -> float:
+    """This process's peak resident set (GB): ``VmHWM``, the high-water mark of its own address space, where Linux
+    has it. ``ru_maxrss`` is the fallback only: it carries over the parent's peak into a process started from it
+    (``execve`` keeps the larger of the two), so a benchmark's child would report its parent's memory."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024**2  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
+
+
 @dataclass
 class Stages:
     """Wall seconds, CPU seconds (this process's, all threads: on shared cores the steadier figure) and the
@@ -51,7 +65,7 @@ class Stages:
         yield
         self.seconds[name] = round(time.perf_counter() - started, 2)
         self.cpu_seconds[name] = round(time.process_time() - cpu, 2)
-        self.peak_rss_gb[name] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)  # Linux: KiB
+        self.peak_rss_gb[name] = round(peak_rss_gb(), 3)
 
     def to_dict(self) -> dict[str, dict[str, float]]:
         return {"seconds": dict(self.seconds), "cpu_seconds": dict(self.cpu_seconds), "peak_rss_gb": dict(self.peak_rss_gb)}
