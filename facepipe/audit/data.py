@@ -2,8 +2,8 @@
 ``.bin`` evaluation set embedded on the fly with the training set's model.
 
 Rows that cannot take part are skipped and counted, never silently: manifest ``error`` rows, non-finite
-embeddings, zero vectors. A folder's vectors stay in its memory-mapped shards (``facepipe.audit.rows``: L2-normalised
-on read), so an MS1M-size set (12 GB of float32) is audited in bounded memory.
+embeddings, zero vectors. A folder's vectors stay in its shard files (``facepipe.audit.rows``: read on demand and
+L2-normalised on read), so an MS1M-size set (12 GB of float32) is audited in bounded memory.
 """
 
 from __future__ import annotations

@@ -7,8 +7,10 @@ large). Its worker reads the chunk's rows once, in file order, and computes ever
 functions of ``facepipe.audit.checks``; one result row per identity comes back (its robust sum and count, its
 split-half similarity, and its images' rows, kept flags and leave-one-out scores), and ``commit`` files them into
 the run's arrays. Both engines run the same chunks through the same code, so their results are equal to the bit,
-and a set within one chunk gives exactly what the whole-set functions give. Nothing is written to disk: an audit
-is rerun, not resumed, so every unit is always pending.
+and a set within one chunk gives exactly what the whole-set functions give. On Ray, a worker reads its chunk's rows
+from the shard files itself (``ShardRows`` pickles as file names: a file system every node sees, as for any Ray
+job; a set held in memory travels in the worker). Nothing is written to disk: an audit is rerun, not resumed, so
+every unit is always pending.
 """
 
 from __future__ import annotations

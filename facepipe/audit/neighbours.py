@@ -13,7 +13,7 @@ file whose lists are the identities. Each image is filed in its own identity and
 cell, among the images filed with it. The cells are the training set's own coarse quantiser, with no k-means to
 train: their number grows with the identities and their size does not, so time is linear in the images
 (``Σ cell² × D``, about 4 × images × mean identity size × D) and memory is one cell's rows at a time, gathered from
-the memory-mapped shards, where an IVF over the images costs ``√N`` per query (nlist ∝ √N) and an exact re-rank of
+the shard files, where an IVF over the images costs ``√N`` per query (nlist ∝ √N) and an exact re-rank of
 PQ candidates reads ``4k`` rows per query. What it can miss — a neighbour whose nearest centres share none with the
 query's — is what the measured recall counts; copies of one photo share their nearest centre.
 """
