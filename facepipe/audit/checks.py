@@ -118,10 +118,19 @@ def identity_sums(vectors: np.ndarray, identity: np.ndarray, n_identities: int, 
         rows = np.asarray(vectors[start : start + BLOCK])[take].astype(np.float64)  # one gather, then widen (exact)
         if w is not None:
             rows *= w[take, None]
-        starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
-        sums[sorted_ids[starts]] += np.add.reduceat(rows, starts, axis=0)
-        counts[sorted_ids[starts]] += np.add.reduceat(np.ones(len(take), dtype=np.int64), starts)
+        bounds = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1], True])
+        sums[sorted_ids[bounds[:-1]]] += _segment_sums(rows, bounds)
+        counts[sorted_ids[bounds[:-1]]] += np.diff(bounds)
     return sums, counts
+
+
+def _segment_sums(rows: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """``np.add.reduceat(rows, bounds[:-1], axis=0)``, to the bit (the same row-by-row order), one reduce per
+    segment: reduceat strides down each column of a wide matrix (measured 35× slower at 65,536 × 512)."""
+    out = np.empty((len(bounds) - 1, rows.shape[1]), dtype=rows.dtype)
+    for i, (lo, hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
+        np.add.reduce(rows[lo:hi], axis=0, out=out[i])
+    return out
 
 
 def unit_rows(sums: np.ndarray) -> np.ndarray:
