@@ -175,16 +175,19 @@ def _merge_top_k(s1: np.ndarray, i1: np.ndarray, s2: np.ndarray, i2: np.ndarray,
 
 
 def exact_top_k(queries: np.ndarray, base: np.ndarray, k: int, block: int = 32768) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` by blockwise products over the base (no copy of it), for a modest number of queries."""
+    """Exact top-``k`` by blockwise products over the base (no copy of it), for a modest number of queries: each
+    block's own top ``k`` first, then merged with the best so far (never a queries × block index array)."""
     q = np.ascontiguousarray(queries, dtype=np.float32)
     best_s = np.full((len(q), k), -np.inf, np.float32)
     best_i = np.full((len(q), k), -1, np.int64)
     for start in range(0, len(base), block):
         sims = q @ _as_float32(base, start, start + block).T
-        both_s = np.concatenate([best_s, sims], axis=1)
-        both_i = np.concatenate([best_i, np.broadcast_to(np.arange(start, start + sims.shape[1]), sims.shape)], axis=1)
-        top = np.argpartition(-both_s, k - 1, axis=1)[:, :k]
-        best_s, best_i = np.take_along_axis(both_s, top, 1), np.take_along_axis(both_i, top, 1)
+        kk = min(k, sims.shape[1])
+        top = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
+        both_s = np.concatenate([best_s, np.take_along_axis(sims, top, 1)], axis=1)
+        both_i = np.concatenate([best_i, top + start], axis=1)
+        keep = np.argpartition(-both_s, k - 1, axis=1)[:, :k]
+        best_s, best_i = np.take_along_axis(both_s, keep, 1), np.take_along_axis(both_i, keep, 1)
     order = np.argsort(-best_s, axis=1, kind="stable")
     return np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
 
