@@ -152,7 +152,7 @@ def nearest_in_cells(rows: np.ndarray, cells: np.ndarray, k: int, recall_sample:
                 sims = x[start : start + chunk] @ x.T
                 top = np.argpartition(-sims, kk - 1, axis=1)[:, :kk] if kk < len(ids) else np.broadcast_to(np.arange(len(ids)), sims.shape)
                 best_s[q], best_i[q] = _merge_top_k(best_s[q], best_i[q], np.take_along_axis(sims, top, 1), ids[top], k)
-    method = f"identity cells (own + {cells.shape[1] - 1} nearest centres): {len(bounds) - 1} cells, {len(member) / max(1, n):.2f} per image, exact within"
+    method = f"identity cells: {len(bounds) - 1} cells, {len(member) / max(1, n):.2f} per image, exact within"
     del cell, member
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(n, min(n, recall_sample), replace=False))
