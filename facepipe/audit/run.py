@@ -155,8 +155,8 @@ def _image_cells(train: EmbeddingSet, centres: np.ndarray, noise) -> np.ndarray:
     except ValueError:  # no same-person or no different-person scores: nothing to judge a centre by
         return cells
     lost = np.flatnonzero(~(np.fmax(noise.score, found.similarities[:, 0]) >= plausible))
-    for start in range(0, len(lost), 16384):
-        rows = lost[start : start + 16384]
+    for start in range(0, len(lost), 1024):  # 1024 queries × 32768 centres of float32: 128 MB of similarities
+        rows = lost[start : start + 1024]
         cells[rows, -1] = exact_top_k(train.vectors[rows], centres, 1)[1][:, 0]
     return cells
 
