@@ -3,8 +3,9 @@
 Each size runs in a fresh child process (peak RSS is per process): it writes a synthetic embedding folder in
 facepipe's store format (identities of 20–200 images around random centres, 2 % of the images misfiled, 1 % of
 the identities split, 0.5 % near-copies; 512-d, float32 shards of 500k rows) and then times
-``load_embedding_folder`` + ``audit`` and reports the peak RSS, flags found against the injected truth, and
-the neighbour searches' recall.
+``load_embedding_folder`` + ``audit`` + ``write_outputs``: wall and CPU seconds (CPU is the steadier figure on
+shared cores) and peak RSS per stage, flags found against the injected truth, the neighbour searches' recall,
+and how time and memory grow from one size to the next (with an extrapolation to MS1M size).
 
     python eval/bench_audit.py --sizes 500000,1000000,2000000 --workdir /tmp/bench_audit
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -108,16 +108,39 @@ def write_synthetic(folder: Path, n_images: int, seed: int = 0) -> dict:
 
 def child(folder: Path) -> None:
     from facepipe.audit.data import load_embedding_folder
-    from facepipe.audit.run import audit
+    from facepipe.audit.run import Stages, audit, peak_rss_gb, write_outputs
 
     started = time.perf_counter()
-    data = load_embedding_folder(folder)
-    loaded = time.perf_counter() - started
+    outer = Stages()
+    with outer("load"):
+        data = load_embedding_folder(folder)
     result = audit(data)
+    with outer("write"):
+        write_outputs(result, folder / "audit")
     seconds = time.perf_counter() - started
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    print(json.dumps({"seconds": round(seconds, 1), "load_seconds": round(loaded, 1), "peak_rss_gb": round(peak_gb, 2),
-                      "flagged": result.summary["flagged"], "search": result.summary["search"]}))
+    inner = result.summary["stages"]
+    stages = {key: {"load": outer.to_dict()[key]["load"], **inner[key], "write": outer.to_dict()[key]["write"]} for key in inner}
+    print(json.dumps({"seconds": round(seconds, 1), "cpu_seconds": round(time.process_time(), 1),
+                      "peak_rss_gb": round(peak_rss_gb(), 2),
+                      "flagged": result.summary["flagged"], "search": result.summary["search"], "stages": stages}))
+
+
+def growth(runs: list[tuple[int, dict]]) -> None:
+    """Ratios between consecutive sizes, the exponent b of time ∝ N^b (1 = linear), and a 5.8 M extrapolation."""
+    print("\n| from → to | size ×| wall ×| CPU ×| peak RSS ×| wall exponent | CPU exponent |")
+    print("|---|---|---|---|---|---|---|")
+    for (n0, r0), (n1, r1) in zip(runs, runs[1:]):
+        size = n1 / n0
+        wall, cpu, rss = r1["seconds"] / r0["seconds"], r1["cpu_seconds"] / r0["cpu_seconds"], r1["peak_rss_gb"] / r0["peak_rss_gb"]
+        print(f"| {n0:,} → {n1:,} | {size:.2f} | {wall:.2f} | {cpu:.2f} | {rss:.2f} | {np.log(wall) / np.log(size):.2f} | {np.log(cpu) / np.log(size):.2f} |")
+    if len(runs) >= 2:
+        (n0, r0), (n1, r1) = runs[-2], runs[-1]
+        ms1m = 5_800_000
+        for key in ("seconds", "cpu_seconds"):
+            b = max(1.0, np.log(r1[key] / r0[key]) / np.log(n1 / n0))
+            print(f"extrapolated to {ms1m:,} images ({key}, exponent {b:.2f} from the last two sizes): {r1[key] * (ms1m / n1) ** b:.0f} s")
+        b = np.log(r1["peak_rss_gb"] / r0["peak_rss_gb"]) / np.log(n1 / n0)
+        print(f"extrapolated peak RSS at {ms1m:,} images (exponent {b:.2f}): {r1['peak_rss_gb'] * (ms1m / n1) ** b:.1f} GB")
 
 
 def main() -> None:
@@ -130,23 +153,34 @@ def main() -> None:
         child(args.child)
         return
     print(f"CPU: {cpu_summary()}, {os.cpu_count()} cores")
-    print("| images | identities | audit time (s) | of which load (s) | peak RSS (GB) | flagged noise / split / copies (true) | image-image search, recall |")
+    print("| images | identities | wall (s) | CPU (s) | peak RSS (GB) | flagged noise / split / copies (true) | image-image search, recall@6 |")
     print("|---|---|---|---|---|---|---|")
+    runs = []
     for size in (int(s) for s in args.sizes.split(",")):
         folder = args.workdir / f"n{size}"
         shutil.rmtree(folder, ignore_errors=True)
         truth = write_synthetic(folder, size)
-        out = subprocess.run([sys.executable, __file__, "--child", str(folder)], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, __file__, "--child", str(folder)], capture_output=True, text=True)
+        if out.returncode != 0:
+            print(f"| {size:,} | failed: {out.stderr.strip().splitlines()[-1:]} |", flush=True)
+            shutil.rmtree(folder, ignore_errors=True)
+            break
         result = json.loads(out.stdout.strip().splitlines()[-1])
+        runs.append((size, result))
         f = result["flagged"]
         search = result["search"]["image_to_image"]
         print(
-            f"| {size:,} | {truth['identities']:,} | {result['seconds']} | {result['load_seconds']} | {result['peak_rss_gb']} | "
+            f"| {size:,} | {truth['identities']:,} | {result['seconds']} | {result['cpu_seconds']} | {result['peak_rss_gb']} | "
             f"{f['label_noise']} / {f['duplicate_identities']} / {f['near_duplicates']} "
             f"({truth['misfiled']} / {truth['split']} / {truth['copies']}) | {search['method']}, {search['recall']:.3f} |",
             flush=True,
         )
+        stages = result["stages"]
+        print("    stages, wall s / CPU s / peak RSS GB at its end: " + ", ".join(
+            f"{name} {sec} / {stages['cpu_seconds'][name]} / {stages['peak_rss_gb'][name]}" for name, sec in stages["seconds"].items()),
+            flush=True)
         shutil.rmtree(folder, ignore_errors=True)
+    growth(runs)
 
 
 if __name__ == "__main__":

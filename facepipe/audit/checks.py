@@ -118,17 +118,29 @@ def identity_sums(vectors: np.ndarray, identity: np.ndarray, n_identities: int, 
     counts = np.zeros(n_identities, dtype=np.int64)
     for start in range(0, len(vectors), BLOCK):
         ids = identity[start : start + BLOCK]
-        rows = np.asarray(vectors[start : start + BLOCK], dtype=np.float64)
-        w = np.ones(len(ids)) if weights is None else weights[start : start + BLOCK].astype(np.float64)
-        keep = (ids >= 0) & (w > 0)
+        w = None if weights is None else weights[start : start + BLOCK].astype(np.float64)
+        keep = (ids >= 0) if w is None else (ids >= 0) & (w > 0)
         if not keep.any():
             continue
-        order = np.argsort(ids[keep], kind="stable")
-        sorted_ids = ids[keep][order]
-        starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
-        sums[sorted_ids[starts]] += np.add.reduceat(rows[keep][order] * w[keep][order, None], starts, axis=0)
-        counts[sorted_ids[starts]] += np.add.reduceat(np.ones(len(order), dtype=np.int64), starts)
+        take = np.flatnonzero(keep)
+        take = take[np.argsort(ids[take], kind="stable")]  # by identity, in row order within one
+        sorted_ids = ids[take]
+        rows = np.asarray(vectors[start : start + BLOCK])[take].astype(np.float64)  # one gather, then widen (exact)
+        if w is not None:
+            rows *= w[take, None]
+        bounds = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1], True])
+        sums[sorted_ids[bounds[:-1]]] += _segment_sums(rows, bounds)
+        counts[sorted_ids[bounds[:-1]]] += np.diff(bounds)
     return sums, counts
+
+
+def _segment_sums(rows: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """``np.add.reduceat(rows, bounds[:-1], axis=0)``, to the bit (the same row-by-row order), one reduce per
+    segment: reduceat strides down each column of a wide matrix (measured 35× slower at 65,536 × 512)."""
+    out = np.empty((len(bounds) - 1, rows.shape[1]), dtype=rows.dtype)
+    for i, (lo, hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
+        np.add.reduce(rows[lo:hi], axis=0, out=out[i])
+    return out
 
 
 def unit_rows(sums: np.ndarray) -> np.ndarray:
@@ -189,8 +201,8 @@ class LabelNoise:
     neighbours: Neighbours
 
 
-def label_noise(vectors: np.ndarray, identity: np.ndarray, centres: Centres, **search: float) -> LabelNoise:
-    """Leave-one-out own-centre scores and the most similar other centre of every image."""
+def leave_one_out_scores(vectors: np.ndarray, identity: np.ndarray, centres: Centres) -> np.ndarray:
+    """Every image's similarity to its own identity's robust centre without it (NaN: singletons, no identity)."""
     dot = row_dots(vectors, identity, centres.sums)  # x · S_a
     self_term = centres.kept.astype(np.float64)
     counts = np.where(identity >= 0, centres.counts[np.maximum(identity, 0)], 0) - self_term
@@ -200,7 +212,13 @@ def label_noise(vectors: np.ndarray, identity: np.ndarray, centres: Centres, **s
     # ‖S − x‖² = ‖S‖² − 2 x·S + 1 for a kept unit x; ‖S‖² for an excluded one
     loo_norm = np.sqrt(np.maximum(sq_norm - 2 * self_term * dot + self_term, 0.0))
     with np.errstate(invalid="ignore", divide="ignore"):
-        score = np.where((counts >= 1) & (loo_norm > 1e-9), (dot - self_term) / loo_norm, np.nan)
+        return np.where((counts >= 1) & (loo_norm > 1e-9), (dot - self_term) / loo_norm, np.nan)
+
+
+def label_noise(vectors: np.ndarray, identity: np.ndarray, centres: Centres, score: np.ndarray | None = None, **search: float) -> LabelNoise:
+    """Leave-one-out own-centre scores (``score`` when already computed) and the most similar other centre of
+    every image."""
+    score = leave_one_out_scores(vectors, identity, centres) if score is None else score
     found = nearest(vectors, centres.unit, k=2, **search)
     other_col = np.where(found.indices[:, 0] == identity, 1, 0)
     rows = np.arange(len(vectors))

@@ -3,8 +3,8 @@ embedded on the fly with the training set's model: an insightface ``.bin`` (no i
 layout root (identity = subject).
 
 Rows that cannot take part are skipped and counted, never silently: manifest ``error`` rows, non-finite
-embeddings, zero vectors. Vectors are stored L2-normalised, as float16 past 2 GiB of float32 (cosines to 1e-3,
-far below any threshold's resolution) so that an MS1M-size set fits in memory.
+embeddings, zero vectors. A folder's vectors stay in its shard files (``facepipe.audit.rows``: read on demand and
+L2-normalised on read), so an MS1M-size set (12 GB of float32) is audited in bounded memory.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-FLOAT16_ABOVE_BYTES = 2 << 30
+from facepipe.audit.rows import ShardFile, ShardRows
 
 
 class AuditInputError(ValueError):
@@ -26,7 +26,7 @@ class AuditInputError(ValueError):
 @dataclass
 class EmbeddingSet:
     name: str
-    vectors: np.ndarray  # (N, D) unit rows, float32 or float16
+    vectors: np.ndarray | ShardRows  # (N, D) unit rows: in memory, or read from a folder's shards
     paths: list[str]  # relative to ``image_root`` (crops) or ``<bin>#<index>``
     identity: np.ndarray  # (N,) int64 codes into ``names``; -1 where the set has no identities
     names: list[str]
@@ -51,7 +51,7 @@ def _image_root(run: dict[str, Any]) -> Path | None:
 
 def load_embedding_folder(emb_dir: str | Path, name: str | None = None) -> EmbeddingSet:
     """An embedding folder written by ``facepipe embed`` (identity = the crop's folder path)."""
-    from facepipe.embedding.store import EmbeddingStoreError, iter_shards, read_manifest
+    from facepipe.embedding.store import SHARD_PREFIX, SHARDS_DIR, EmbeddingStoreError, iter_shards, read_manifest
 
     emb_dir = Path(emb_dir)
     run_file = emb_dir / "run.json"
@@ -62,35 +62,27 @@ def load_embedding_folder(emb_dir: str | Path, name: str | None = None) -> Embed
         manifest = read_manifest(emb_dir)
     except EmbeddingStoreError as exc:
         raise AuditInputError(str(exc)) from None
-    vectors: np.ndarray | None = None  # allocated at the first shard, whose width is the embedding size
+    shards: list[tuple[Path, np.ndarray]] = []  # (shard file, rows taken from it): the vectors stay on disk
     paths: list[str] = []
     identities: list[str] = []
-    filled = 0
     skipped = {"error_rows": 0, "non_finite": 0, "zero_vectors": 0}
-    for matrix, rows in iter_shards(emb_dir, manifest=manifest):
-        matrix = np.asarray(matrix, dtype=np.float32)
-        if vectors is None:
-            dtype = np.float16 if len(manifest) * matrix.shape[1] * 4 > FLOAT16_ABOVE_BYTES else np.float32
-            vectors = np.empty((len(manifest), matrix.shape[1]), dtype=dtype)
+    for _, rows in iter_shards(emb_dir, manifest=manifest):  # checks the rows; its memory map is never read
+        path = emb_dir / SHARDS_DIR / f"{SHARD_PREFIX}-{int(rows['shard'].iloc[0]):06d}.npy"
         ok = (rows["status"] == "ok").to_numpy()
         skipped["error_rows"] += int((~ok).sum())
-        finite = np.isfinite(matrix).all(axis=1)
+        finite, nonzero = _usable_rows(ShardFile(path), rows["row"].to_numpy())
         skipped["non_finite"] += int((ok & ~finite).sum())
-        norms = np.linalg.norm(np.where(finite[:, None], matrix, 0), axis=1)
-        nonzero = norms > 0
         skipped["zero_vectors"] += int((ok & finite & ~nonzero).sum())
         good = ok & finite & nonzero
-        n = int(good.sum())
-        vectors[filled : filled + n] = (matrix[good] / norms[good, None]).astype(vectors.dtype)
+        shards.append((path, rows["row"].to_numpy()[good]))
         paths.extend(rows["path"][good].tolist())
         identities.extend(rows["identity"][good].tolist())
-        filled += n
-    if filled == 0 or vectors is None:
+    if not paths:
         raise AuditInputError(f"{emb_dir}: no usable embeddings ({skipped})")
     names, codes = np.unique(np.array(identities, dtype=object), return_inverse=True)
     return EmbeddingSet(
         name or emb_dir.name,
-        vectors[:filled],
+        ShardRows(shards),
         paths,
         codes.astype(np.int64),
         [str(n) for n in names],
@@ -98,6 +90,18 @@ def load_embedding_folder(emb_dir: str | Path, name: str | None = None) -> Embed
         _image_root(run),
         skipped,
     )
+
+
+def _usable_rows(shard: ShardFile, positions: np.ndarray, block: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+    """(finite, non-zero) for rows ``positions`` of a shard file, read in blocks."""
+    finite = np.zeros(len(positions), dtype=bool)
+    nonzero = np.zeros(len(positions), dtype=bool)
+    for start in range(0, len(positions), block):
+        rows = shard.read(positions[start : start + block]).astype(np.float32)
+        ok = np.isfinite(rows).all(axis=1)
+        finite[start : start + block] = ok
+        nonzero[start : start + block] = np.linalg.norm(np.where(ok[:, None], rows, 0), axis=1) > 0
+    return finite, nonzero
 
 
 def load_bin_set(bin_path: str | Path, model: dict[str, Any], device: str = "cpu", batch_size: int = 64) -> EmbeddingSet:

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from facepipe.commands.common import device_option, resolve_device
+from facepipe.engine.cli_options import engine_option, engine_options, ray_address_option
 
 
 @click.command()
@@ -25,16 +26,22 @@ from facepipe.commands.common import device_option, resolve_device
 @click.option("--keep-overlap", is_flag=True, help="With --write-clean: keep identities that overlap an evaluation set.")
 @click.option("--max-cases", type=click.IntRange(min=1), default=200, show_default=True, help="Flagged cases shown per check in report.html.")
 @device_option
+@engine_option
+@ray_address_option
 def audit(emb_dir, out_dir, against, image_threshold, identity_threshold, copy_threshold, write_clean, keep_overlap,
-          max_cases, device) -> None:
-    """Audit a training set from its embeddings (identity = folder). See facepipe.audit.checks for the rules."""
+          max_cases, device, engine, ray_address) -> None:
+    """Audit a training set from its embeddings (identity = folder). See facepipe.audit.checks for the rules.
+    With --engine ray the per-identity work (robust centres, leave-one-out scores) runs as Ray tasks over chunks
+    of identities, with the same results."""
     from facepipe.audit.data import AuditInputError, ijb_target, load_bin_set, load_embedding_folder, load_ijb_set
     from facepipe.audit.report import write_report
     from facepipe.audit.run import audit as run_audit
     from facepipe.audit.run import clean_list, write_outputs
+    from facepipe.engine.ray_engine import RayEngineError
     from facepipe.io.atomic import atomic_write_text
 
     device = resolve_device(device)  # embeds --against .bin sets
+    ray_options = engine_options(engine, ray_address, None)
 
     try:
         train = load_embedding_folder(emb_dir)
@@ -51,8 +58,8 @@ def audit(emb_dir, out_dir, against, image_threshold, identity_threshold, copy_t
             else:
                 raise AuditInputError(f"{path}: --against takes an embedding folder, an IJB-C layout root or a .bin file")
         overrides = {"image": image_threshold, "identity": identity_threshold, "copy": copy_threshold}
-        result = run_audit(train, others, overrides)
-    except (AuditInputError, ValueError) as exc:
+        result = run_audit(train, others, overrides, engine=engine, ray_options=ray_options)
+    except (AuditInputError, RayEngineError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     write_outputs(result, out_dir)
     write_report(train, result, out_dir / "report.html", max_cases)
