@@ -165,6 +165,29 @@ class InterruptingJob(PowerJob):
             os.kill(os.getpid(), self.signum)
 
 
+@pytest.fixture
+def roomy_signal_stack():
+    """A 1 MiB alternate signal stack for this thread while the test signals its own process.
+
+    Python's signal handlers run on the thread's alternate stack when one is set (``SA_ONSTACK``), and tests
+    earlier in the same process leave a small one (pytest's faulthandler; after OpenVINO had run, the full
+    suite crashed inside ``kill`` itself: the kernel could not push the signal frame, seen with gdb). A user's
+    command has no such stack and stops cleanly on Ctrl-C during OpenVINO runs (checked by hand)."""
+    import ctypes
+
+    class StackT(ctypes.Structure):  # Linux stack_t
+        _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    memory = ctypes.create_string_buffer(1 << 20)
+    roomy, previous = StackT(ctypes.cast(memory, ctypes.c_void_p), 0, len(memory)), StackT()
+    if libc.sigaltstack(ctypes.byref(roomy), ctypes.byref(previous)) != 0:
+        pytest.skip(f"sigaltstack: {os.strerror(ctypes.get_errno())}")
+    yield
+    libc.sigaltstack(ctypes.byref(previous), None)
+
+
+@pytest.mark.usefixtures("roomy_signal_stack")
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_sigint_or_sigterm_stops_between_commits_and_ends_the_workers(signum, workers):
