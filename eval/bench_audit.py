@@ -8,6 +8,7 @@ shared cores) and peak RSS per stage, flags found against the injected truth, th
 and how time and memory grow from one size to the next (with an extrapolation to MS1M size).
 
     python eval/bench_audit.py --sizes 500000,1000000,2000000 --workdir /tmp/bench_audit
+    python eval/bench_audit.py --sizes 5800000 --identity-sizes 20,116   # MS1M shape: 5.8 M images, ~85 k identities
 
 Goal (issue 13): MS1M size (5.8 M images, 85 k identities) in ≤ 30 min and ≤ 8 GB on 2 cores, linear growth.
 """
@@ -32,7 +33,7 @@ SHARD = 500_000
 
 
 
-def write_synthetic(folder: Path, n_images: int, seed: int = 0) -> dict:
+def write_synthetic(folder: Path, n_images: int, seed: int = 0, identity_sizes: tuple[int, int] = (20, 200)) -> dict:
     """A facepipe embedding folder with identity structure and injected faults; returns the truth counts."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -42,7 +43,7 @@ def write_synthetic(folder: Path, n_images: int, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     sizes = []
     while sum(sizes) < n_images:
-        sizes.append(int(rng.integers(20, 201)))
+        sizes.append(int(rng.integers(identity_sizes[0], identity_sizes[1] + 1)))
     sizes[-1] -= sum(sizes) - n_images
     n_ids = len(sizes)
     identity = np.repeat(np.arange(n_ids), sizes)
@@ -147,6 +148,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="500000,1000000,2000000")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench_audit"))
+    parser.add_argument("--identity-sizes", default="20,200", metavar="LO,HI",
+                        help="images per identity, uniform in [LO, HI] (20,116: MS1M's 85 k identities at 5.8 M)")
     parser.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -159,7 +162,8 @@ def main() -> None:
     for size in (int(s) for s in args.sizes.split(",")):
         folder = args.workdir / f"n{size}"
         shutil.rmtree(folder, ignore_errors=True)
-        truth = write_synthetic(folder, size)
+        lo, hi = (int(v) for v in args.identity_sizes.split(","))
+        truth = write_synthetic(folder, size, identity_sizes=(lo, hi))
         out = subprocess.run([sys.executable, __file__, "--child", str(folder)], capture_output=True, text=True)
         if out.returncode != 0:
             print(f"| {size:,} | failed: {out.stderr.strip().splitlines()[-1:]} |", flush=True)
