@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +154,17 @@ def detector_options(
     return options
 
 
+class _Stop:
+    """SIGTERM while detect writes stops it the way Ctrl-C does (no stray ``.partial`` file); remembers which came."""
+
+    def __init__(self) -> None:
+        self.signum = signal.SIGINT
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.signum = signum
+        raise KeyboardInterrupt
+
+
 def build_detector(name: str, weights: str | None, device: str, **options):
     """``create_detector`` with configuration problems (bad weights file, wrong option) as CLI errors."""
     from facepipe.detection import create_detector
@@ -221,6 +233,8 @@ def detect(
             raise click.BadParameter(f"cannot create {visualize}: {exc.strerror or exc}", param_hint="--visualize") from None
     partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
     n_faces = n_errors = n_unwritten = 0
+    stop = _Stop()
+    previous_sigterm = signal.signal(signal.SIGTERM, stop)
     try:
         with open(partial, "w") as handle, tqdm(total=len(sources), unit="img", desc="detect") as progress:
             for batch in iter_loaded_batches(sources, batch_size):
@@ -247,9 +261,17 @@ def detect(
                     handle.write(json.dumps(record) + "\n")
                 progress.update(len(batch))
         os.replace(partial, out)
+    except KeyboardInterrupt:
+        partial.unlink(missing_ok=True)
+        name = signal.Signals(stop.signum).name
+        click.echo(f"interrupted ({name}): nothing written to {out} (detect writes it whole at the end); "
+                   "rerun the same command", err=True)
+        raise SystemExit(128 + stop.signum) from None
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
     click.echo(f"{len(sources)} images, {n_faces} faces, {n_errors} errors -> {out}", err=True)
     if n_unwritten:
         click.echo(f"{n_unwritten} pictures could not be written under {visualize} (see 'visualize_error' in {out})", err=True)
