@@ -27,7 +27,8 @@ level of several images at once while the level is small (``pnet_pixels_per_pass
 the crops of all of them together. Images of different sizes are grouped by size.
 
 Threads: the groups of one ``detect`` call are independent, so on CPU they run on ``workers`` threads (default:
-torch's intra-op thread count), each with one intra-op thread. MTCNN's convolutions are too small (3 to 64
+torch's intra-op thread count), each with one intra-op thread; a call with one group spreads its pyramid levels
+over the threads instead (levels are independent until the per-image NMS that joins them). MTCNN's convolutions are too small (3 to 64
 channels) for torch to split one of them well over several cores, while whole images split perfectly; torch's
 kernels and most of the numpy work release the GIL. Results do not depend on ``workers``.
 
@@ -490,12 +491,15 @@ class MTCNNDetector:
         return results
 
     def _map_chunks(self, images_of, chunks: list[list[int]]):
-        """``_detect_same_size`` over ``chunks``, on ``workers`` threads of one intra-op thread each on CPU."""
-        workers = min(len(chunks), self.workers or torch.get_num_threads())
-        if workers <= 1 or self.device.type != "cpu":
+        """``_detect_same_size`` over ``chunks``, on ``workers`` threads of one intra-op thread each on CPU; a single
+        chunk spreads its pyramid levels over them instead."""
+        workers = self.workers or torch.get_num_threads()
+        if workers <= 1 or self.device.type != "cpu" or not chunks:
             return [self._detect_same_size(images_of(chunk)) for chunk in chunks]
         # torch's OpenMP thread count is per calling thread: this leaves the caller's setting alone.
-        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        with ThreadPoolExecutor(min(workers, max(len(chunks), 2)), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            if len(chunks) == 1:
+                return [self._detect_same_size(images_of(chunks[0]), pool.map)]
             return list(pool.map(lambda chunk: self._detect_same_size(images_of(chunk)), chunks))
 
     def detect_arrays(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -511,40 +515,22 @@ class MTCNNDetector:
     # -------------------------------------------------------------------------------- the cascade
 
     @torch.inference_mode()
-    def _detect_same_size(self, rgbs: list[np.ndarray]) -> list[list[Face]]:
+    def _detect_same_size(self, rgbs: list[np.ndarray], level_map=map) -> list[list[Face]]:
         integrals = [IntegralImage(rgb) for rgb in rgbs]
-        candidates = self._propose(integrals)
+        candidates = self._propose(integrals, level_map)
         candidates = self._refine(integrals, candidates)
         candidates = self._output(integrals, candidates)
         return [self._to_faces(c) for c in candidates]
 
-    def _propose(self, integrals: list[IntegralImage]) -> list[_Candidates]:
+    def _propose(self, integrals: list[IntegralImage], level_map=map) -> list[_Candidates]:
         height, width = integrals[0].height, integrals[0].width
-        # Per image, rows [x1, y1, x2, y2, score, 4 offsets] that survive NMS 0.5 within their pyramid level.
-        rows: list[list[np.ndarray]] = [[] for _ in integrals]
         threshold = np.float32(self.thresholds[0])
         content = self._content_box(integrals)
-        for scale in pyramid_scales(height, width, self.min_face_size, self.factor):
-            size = (int(height * scale + 1), int(width * scale + 1))
-            region = _pnet_region(content, (height, width), size)
-            if region is None:
-                continue
-            (first_row, row_span), (first_col, col_span) = region
-            offsets, probs = self._run_pnet([integral.resize(*size, row_span, col_span) for integral in integrals])
-            scale32 = np.float32(scale)
-            for b in range(len(integrals)):
-                ys, xs = np.nonzero(probs[b] >= threshold)
-                if ys.size == 0:
-                    continue
-                ys, xs = ys + first_row, xs + first_col  # cells of the whole level
-                cells = np.stack([xs, ys], axis=1).astype(np.float32)
-                corner1 = np.floor((PNET_STRIDE * cells + 1) / scale32)
-                corner2 = np.floor((PNET_STRIDE * cells + PNET_CELL) / scale32)
-                scores = probs[b, ys - first_row, xs - first_col]
-                level = np.concatenate(
-                    [corner1, corner2, scores[:, None], offsets[b][:, ys - first_row, xs - first_col].T], axis=1
-                )
-                rows[b].append(level[batched_nms(level[:, :4], scores, np.zeros(len(level), np.int64), 0.5)])
+        scales = pyramid_scales(height, width, self.min_face_size, self.factor)
+        # Per level and image, rows [x1, y1, x2, y2, score, 4 offsets] that survive NMS 0.5 within the level;
+        # levels are independent (``level_map`` may run them on threads) and are gathered in pyramid order.
+        levels = list(level_map(lambda scale: self._level_rows(integrals, scale, content, threshold), scales))
+        rows = [[level[b] for level in levels if level[b] is not None] for b in range(len(integrals))]
 
         results = []
         for image_rows in rows:
@@ -556,6 +542,36 @@ class MTCNNDetector:
             boxes = square(apply_regression(found[:, :4], found[:, 5:9], plus_one=False))
             results.append(_Candidates(boxes, found[:, 4].copy()))
         return results
+
+    def _level_rows(
+        self, integrals: list[IntegralImage], scale: float, content, threshold: np.float32
+    ) -> list[np.ndarray | None]:
+        """P-Net on one pyramid level of every image: per image its proposals after NMS 0.5, None when none."""
+        height, width = integrals[0].height, integrals[0].width
+        size = (int(height * scale + 1), int(width * scale + 1))
+        region = _pnet_region(content, (height, width), size)
+        if region is None:
+            return [None] * len(integrals)
+        (first_row, row_span), (first_col, col_span) = region
+        with torch.inference_mode():  # on a pool thread too
+            offsets, probs = self._run_pnet([integral.resize(*size, row_span, col_span) for integral in integrals])
+        scale32 = np.float32(scale)
+        found: list[np.ndarray | None] = []
+        for b in range(len(integrals)):
+            ys, xs = np.nonzero(probs[b] >= threshold)
+            if ys.size == 0:
+                found.append(None)
+                continue
+            ys, xs = ys + first_row, xs + first_col  # cells of the whole level
+            cells = np.stack([xs, ys], axis=1).astype(np.float32)
+            corner1 = np.floor((PNET_STRIDE * cells + 1) / scale32)
+            corner2 = np.floor((PNET_STRIDE * cells + PNET_CELL) / scale32)
+            scores = probs[b, ys - first_row, xs - first_col]
+            level = np.concatenate(
+                [corner1, corner2, scores[:, None], offsets[b][:, ys - first_row, xs - first_col].T], axis=1
+            )
+            found.append(level[batched_nms(level[:, :4], scores, np.zeros(len(level), np.int64), 0.5)])
+        return found
 
     def _refine(self, integrals: list[IntegralImage], candidates: list[_Candidates]) -> list[_Candidates]:
         candidates, crops = self._crops(integrals, candidates, RNET_SIZE)

@@ -44,6 +44,20 @@ def test_threads_give_the_single_thread_results_image_for_image(images):
             np.testing.assert_array_equal(a, b)
 
 
+def test_one_image_spread_over_its_pyramid_levels_gives_the_single_thread_results(images):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        for image in images[:2]:
+            alone = create_mtcnn(order="area", workers=1).detect_arrays([image])[0]
+            spread = create_mtcnn(order="area", workers=2).detect_arrays([image])[0]
+            assert len(alone[1]) >= 1
+            for a, b in zip(alone, spread):
+                np.testing.assert_array_equal(a, b)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_workers_must_be_positive():
     with pytest.raises(ValueError, match="workers"):
         create_mtcnn(workers=0)
