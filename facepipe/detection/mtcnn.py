@@ -497,7 +497,8 @@ class MTCNNDetector:
         if workers <= 1 or self.device.type != "cpu" or not chunks:
             return [self._detect_same_size(images_of(chunk)) for chunk in chunks]
         # torch's OpenMP thread count is per calling thread: this leaves the caller's setting alone.
-        with ThreadPoolExecutor(min(workers, max(len(chunks), 2)), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        threads = workers if len(chunks) == 1 else min(workers, len(chunks))
+        with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             if len(chunks) == 1:
                 return [self._detect_same_size(images_of(chunks[0]), pool.map)]
             return list(pool.map(lambda chunk: self._detect_same_size(images_of(chunk)), chunks))
