@@ -138,7 +138,9 @@ def test_score_order_is_the_detector_protocol(golden_mtcnn) -> None:
 @pytest.mark.shared
 def test_grayscale_input_equals_its_bgr_conversion(detector_area) -> None:
     grey = cv2.cvtColor(_read("images/group/t1.jpg"), cv2.COLOR_BGR2GRAY)
-    from_grey = detector_area.detect_arrays([grey, grey[:, :, None]])
+    # One call each: a call with two same-size images runs P-Net on both at once, and oneDNN may round a batch of
+    # two differently from one image (~1e-7 relative; see test_same_size_batch_equals_single_calls).
+    from_grey = [detector_area.detect_arrays([image])[0] for image in (grey, grey[:, :, None])]
     from_bgr = detector_area.detect_arrays([cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)])[0]
     assert len(from_bgr[1]) >= 5  # the six large faces survive the loss of colour (most of them)
     for result in from_grey:
