@@ -46,5 +46,22 @@ def prior_boxes(
     return priors
 
 
+@lru_cache(maxsize=32)
+def unpadded_priors(height: int, width: int, padded_height: int, padded_width: int) -> np.ndarray:
+    """Boolean mask over ``prior_boxes(padded_height, padded_width)``: the priors a ``height`` x ``width`` input has
+    (same cells, same pixel centres), i.e. those of the image when its input was padded at the bottom and right."""
+    if padded_height < height or padded_width < width:
+        raise ValueError(f"padded size {padded_height}x{padded_width} is smaller than {height}x{width}")
+    levels = []
+    for (rows, cols), (padded_rows, padded_cols), sizes in zip(
+        feature_map_sizes(height, width), feature_map_sizes(padded_height, padded_width), MIN_SIZES
+    ):
+        inside = (np.arange(padded_rows)[:, None] < rows) & (np.arange(padded_cols)[None, :] < cols)
+        levels.append(np.repeat(inside.reshape(-1), len(sizes)))
+    mask = np.concatenate(levels)
+    mask.setflags(write=False)
+    return mask
+
+
 def num_priors(height: int, width: int) -> int:
     return sum(rows * cols * len(sizes) for (rows, cols), sizes in zip(feature_map_sizes(height, width), MIN_SIZES))

@@ -14,8 +14,15 @@ Scaling policies (``scale=``):
   are merged by score-weighted box voting (IoU 0.4).
 
 Batches: images whose network input has the same shape are stacked and run together (``batch_size`` at a
-time); different shapes run separately, never zero-padded, because padding changes the outputs near the
-border. Results are the same as one image at a time.
+time); different shapes run separately. Results are the same as one image at a time.
+
+Padding (``pad_multiple``, off by default): the network input is padded at the bottom and right, with the
+mean colour (zeros after the mean subtraction), up to a multiple of ``pad_multiple`` pixels, and only the
+priors of the unpadded input are decoded. A runtime that sets itself up for every new input shape (OpenVINO:
+12-16 ms per shape, against ~5 ms of network for a VGA image in bf16) then meets a few shapes instead of one per
+image size, and more images share a batch. The outputs near the bottom and right edges change slightly (the
+network sees the mean colour beyond them, not its own zero padding), so the exact fp32 path never pads; the
+reduced-precision runtimes pad to 128 unless told otherwise (their AP is in the precision report).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import numpy as np
 from facepipe.detection.backends import OnnxRuntimeBackend, RetinaFaceBackend, TorchBackend, export_onnx
 from facepipe.detection.base import check_images
 from facepipe.detection.box_ops import box_voting, decode, decode_landmarks, nms
-from facepipe.detection.priors import prior_boxes
+from facepipe.detection.priors import prior_boxes, unpadded_priors
 from facepipe.models.retinaface import BGR_MEAN, RetinaFace, retinaface_mnet025, retinaface_r50
 from facepipe.types import Face
 
@@ -57,11 +64,12 @@ class RetinaFaceSettings:
     flip: bool = True  # "multiscale": also run mirrored images
     vote_threshold: float = 0.4  # "multiscale": IoU for box voting
     batch_size: int = 8
+    pad_multiple: int = 1  # pad the network input to a multiple of this (1: never; see the module docstring)
 
     def __post_init__(self) -> None:
         # Options may arrive from the command line as JSON numbers or strings: normalise the types once.
         try:
-            for name in ("top_k", "keep_top_k", "target_size", "max_size", "batch_size"):
+            for name in ("top_k", "keep_top_k", "target_size", "max_size", "batch_size", "pad_multiple"):
                 object.__setattr__(self, name, int(getattr(self, name)))
             for name in ("threshold", "confidence_threshold", "nms_threshold", "vote_threshold"):
                 object.__setattr__(self, name, float(getattr(self, name)))
@@ -70,7 +78,7 @@ class RetinaFaceSettings:
             raise ValueError(f"invalid RetinaFace setting: {exc}") from None
         if self.scale not in ("original", "fixed", "multiscale"):
             raise ValueError(f"scale must be 'original', 'fixed' or 'multiscale', got {self.scale!r}")
-        for name in ("top_k", "keep_top_k", "target_size", "max_size", "batch_size"):
+        for name in ("top_k", "keep_top_k", "target_size", "max_size", "batch_size", "pad_multiple"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("threshold", "confidence_threshold", "nms_threshold", "vote_threshold"):
@@ -87,8 +95,10 @@ class _Pass:
     image_index: int
     resize: float
     flip: bool
-    height: int  # network input size
+    height: int  # the (resized) image's size
     width: int
+    input_height: int  # network input size: the image's, or more with ``pad_multiple``
+    input_width: int
 
 
 def _resized_shape(height: int, width: int, resize: float) -> tuple[int, int]:
@@ -125,14 +135,15 @@ class RetinaFaceDetector:
         return [[Face.from_row(r) for r in image_rows] for image_rows in rows]
 
     def preprocess(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """Network input ``(N, 3, H, W)`` float32 (BGR minus mean, original size) for same-shaped images."""
+        """Network input ``(N, 3, H, W)`` float32 (BGR minus mean, original size, padded as ``pad_multiple``
+        says) for same-shaped images."""
         shapes = {image.shape for image in images}
         if len(shapes) != 1:
             raise ValueError(f"preprocess needs images of one shape, got {sorted(shapes)}")
-        height, width = images[0].shape[:2]
-        batch = np.empty((len(images), 3, height, width), dtype=np.float32)
+        p = self._pass(0, 1.0, False, *images[0].shape[:2])
+        batch = np.empty((len(images), 3, p.input_height, p.input_width), dtype=np.float32)
         for j, image in enumerate(images):
-            self._prepare_into(image, _Pass(j, 1.0, False, height, width), batch[j])
+            self._prepare_into(image, p, batch[j])
         return batch
 
     def detect_rows(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -164,8 +175,12 @@ class RetinaFaceDetector:
             resizes = [_short_side_resize(height, width, size, s.max_size) for size in s.multiscale_sizes]
         flips = (False, True) if s.scale == "multiscale" and s.flip else (False,)
         return [
-            _Pass(index, resize, flip, *_resized_shape(height, width, resize)) for resize in resizes for flip in flips
+            self._pass(index, resize, flip, *_resized_shape(height, width, resize)) for resize in resizes for flip in flips
         ]
+
+    def _pass(self, index: int, resize: float, flip: bool, height: int, width: int) -> _Pass:
+        multiple = self.settings.pad_multiple
+        return _Pass(index, resize, flip, height, width, -(-height // multiple) * multiple, -(-width // multiple) * multiple)
 
     def _prepare_into(self, image: np.ndarray, p: _Pass, out: np.ndarray) -> None:
         """Write the network input of ``image`` for pass ``p`` into ``out`` (3, H, W) float32."""
@@ -181,17 +196,20 @@ class RetinaFaceDetector:
         # Channel by channel straight into the NCHW buffer: same values as float(image) - mean, ~4x faster
         # than converting, subtracting and transposing whole arrays.
         for channel in range(3):
-            np.subtract(source[:, :, channel], self._mean[channel], out=out[channel], dtype=np.float32)
+            np.subtract(source[:, :, channel], self._mean[channel], out=out[channel, : p.height, : p.width], dtype=np.float32)
+        if (p.input_height, p.input_width) != (p.height, p.width):  # the mean colour beyond the image
+            out[:, p.height:] = 0
+            out[:, : p.height, p.width:] = 0
 
     def _run_passes(self, images: Sequence[np.ndarray], passes: list[_Pass]) -> list[np.ndarray]:
         out: list[np.ndarray | None] = [None] * len(passes)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, p in enumerate(passes):
-            groups.setdefault((p.height, p.width), []).append(i)
+            groups.setdefault((p.input_height, p.input_width), []).append(i)
         for indices in groups.values():
             for start in range(0, len(indices), self.settings.batch_size):
                 chunk = indices[start: start + self.settings.batch_size]
-                height, width = passes[chunk[0]].height, passes[chunk[0]].width
+                height, width = passes[chunk[0]].input_height, passes[chunk[0]].input_width
                 batch = np.empty((len(chunk), 3, height, width), dtype=np.float32)
                 for j, i in enumerate(chunk):
                     self._prepare_into(images[passes[i].image_index], passes[i], batch[j])
@@ -202,14 +220,18 @@ class RetinaFaceDetector:
 
     def _postprocess(self, loc: np.ndarray, conf: np.ndarray, landms: np.ndarray, p: _Pass, shape: tuple[int, ...]) -> np.ndarray:
         s = self.settings
-        priors = prior_boxes(p.height, p.width)
+        priors = prior_boxes(p.input_height, p.input_width)
         if len(priors) != len(loc):
-            raise ValueError(f"network returned {len(loc)} predictions for {len(priors)} priors at {p.height}x{p.width}")
+            raise ValueError(
+                f"network returned {len(loc)} predictions for {len(priors)} priors at {p.input_height}x{p.input_width}"
+            )
         scores = conf[:, 1]
         candidates = np.where(scores > s.confidence_threshold)[0]
+        if (p.input_height, p.input_width) != (p.height, p.width):  # only the priors the unpadded image has
+            candidates = candidates[unpadded_priors(p.height, p.width, p.input_height, p.input_width)[candidates]]
         # Decoding is per prior, so decoding only the candidates gives the reference numbers.
         order = candidates[scores[candidates].argsort()[::-1]][: s.top_k]
-        scale = np.array([p.width, p.height] * 5, dtype=np.float32)
+        scale = np.array([p.input_width, p.input_height] * 5, dtype=np.float32)
         boxes = decode(loc[order], priors[order]) * scale[:4] / np.float32(p.resize)
         dets = np.hstack([boxes, scores[order, None]]).astype(np.float32, copy=False)
         # Faces under `threshold` are dropped at the end and cannot suppress higher scores, so NMS may skip
@@ -280,6 +302,17 @@ def _backend_for_model(
     return TorchBackend(model, device=device, fp16=fp16)
 
 
+# Input padding for runtimes that set up per input shape (measured: see the module docstring and the README's
+# reduced-precision section); the exact fp32 runtimes never pad unless asked.
+REDUCED_PRECISION_PAD_MULTIPLE = 128
+
+
+def _assemble(backend: RetinaFaceBackend, settings: RetinaFaceSettings, options: dict[str, Any], name: str) -> RetinaFaceDetector:
+    if getattr(backend, "precision", "fp32") != "fp32" and "pad_multiple" not in options:
+        settings = replace(settings, pad_multiple=REDUCED_PRECISION_PAD_MULTIPLE)
+    return RetinaFaceDetector(backend, settings, name)
+
+
 def create_retinaface_mnet(weights: str | None = None, device: str = "cpu", **options: Any) -> RetinaFaceDetector:
     """RetinaFace MobileNet-0.25: bundled official weights by default, or a ``.pth`` / BN-folded ``.onnx`` file.
 
@@ -291,7 +324,7 @@ def create_retinaface_mnet(weights: str | None = None, device: str = "cpu", **op
     settings, rest = _split_options(options)
     backend, fp16, threads, precision = _check_backend_options(rest)
     model = retinaface_mnet025(weights=weights, pretrained=weights is None)
-    return RetinaFaceDetector(_backend_for_model(model, device, backend, fp16, threads, precision), settings, "retinaface")
+    return _assemble(_backend_for_model(model, device, backend, fp16, threads, precision), settings, options, "retinaface")
 
 
 def create_retinaface_r50(weights: str | None = None, device: str = "cpu", **options: Any) -> RetinaFaceDetector:
@@ -305,7 +338,7 @@ def create_retinaface_r50(weights: str | None = None, device: str = "cpu", **opt
     backend, fp16, threads, precision = _check_backend_options(rest)
     model = retinaface_r50(weights=weights)
     backend_ = _backend_for_model(model, device, backend, fp16, threads, precision, "retinaface-r50")
-    return RetinaFaceDetector(backend_, settings, "retinaface-r50")
+    return _assemble(backend_, settings, options, "retinaface-r50")
 
 
 def create_retinaface_onnx(weights: str | None = None, device: str = "cpu", **options: Any) -> RetinaFaceDetector:
@@ -325,4 +358,4 @@ def create_retinaface_onnx(weights: str | None = None, device: str = "cpu", **op
     else:
         source = export_onnx(retinaface_mnet025(weights=weights, pretrained=weights is None))
     runtime = OnnxRuntimeBackend(source, device=device, intra_op_threads=threads, precision=precision, model_name="retinaface-onnx")
-    return RetinaFaceDetector(runtime, settings, "retinaface-onnx")
+    return _assemble(runtime, settings, options, "retinaface-onnx")
