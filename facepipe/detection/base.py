@@ -65,8 +65,14 @@ def create_detector(
 # Detector options the whole-dataset commands (detect, align, embed --detect) use unless the user sets them.
 # MTCNN: zero-pad boxes that cross the image edge like the original MTCNN; facenet-pytorch's stretch (the
 # library default, kept for parity) puts landmarks 20-100 px off on faces that fill the frame (CFP frontal).
+# RetinaFace: a reduced-precision runtime (OpenVINO) pads its inputs to a few shapes, as it sets itself up for each
+# new one and a data set's photos rarely share a size (an fp32 runtime never pads).
+_RETINAFACE_PIPELINE = {"pad_reduced_precision": True}
 _PIPELINE_DEFAULTS: dict[str, dict[str, Any]] = {
     "mtcnn": {"edge_padding": "zero"},
+    "retinaface": _RETINAFACE_PIPELINE,
+    "retinaface-r50": _RETINAFACE_PIPELINE,
+    "retinaface-onnx": _RETINAFACE_PIPELINE,
 }
 
 

@@ -21,8 +21,9 @@ mean colour (zeros after the mean subtraction), up to a multiple of ``pad_multip
 priors of the unpadded input are decoded. A runtime that sets itself up for every new input shape (OpenVINO:
 12-16 ms per shape, against ~5 ms of network for a VGA image in bf16) then meets a few shapes instead of one per
 image size, and more images share a batch. The outputs near the bottom and right edges change slightly (the
-network sees the mean colour beyond them, not its own zero padding), so the exact fp32 path never pads; the
-reduced-precision runtimes pad to 128 unless told otherwise (their AP is in the precision report).
+network sees the mean colour beyond them, not its own zero padding), so the exact fp32 path never pads; with
+``pad_reduced_precision`` (set by the whole-dataset commands) a reduced-precision runtime pads to 128 unless
+``pad_multiple`` says otherwise.
 """
 
 from __future__ import annotations
@@ -267,17 +268,18 @@ def _split_options(options: dict[str, Any]) -> tuple[RetinaFaceSettings, dict[st
     return RetinaFaceSettings(**settings), rest
 
 
-def _check_backend_options(rest: dict[str, Any]) -> tuple[str, bool, int | None, str]:
+def _check_backend_options(rest: dict[str, Any]) -> tuple[str, bool, int | None, str, bool]:
     backend = rest.pop("backend", "auto")
+    pad_reduced = bool(rest.pop("pad_reduced_precision", False))
     fp16 = bool(rest.pop("fp16", False))
     threads = rest.pop("intra_op_threads", None)
     precision = str(rest.pop("precision", None) or "fp32").lower()
     if rest:
-        known = sorted(_SETTING_NAMES | {"backend", "fp16", "intra_op_threads", "precision"})
+        known = sorted(_SETTING_NAMES | {"backend", "fp16", "intra_op_threads", "precision", "pad_reduced_precision"})
         raise TypeError(f"unknown RetinaFace option(s) {sorted(rest)}; known: {', '.join(known)}")
     if backend not in ("auto", "torch", "onnxruntime"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'onnxruntime', got {backend!r}")
-    return backend, fp16, threads, precision
+    return backend, fp16, threads, precision, pad_reduced
 
 
 def _onnxruntime_available() -> bool:
@@ -302,13 +304,16 @@ def _backend_for_model(
     return TorchBackend(model, device=device, fp16=fp16)
 
 
-# Input padding for runtimes that set up per input shape (measured: see the module docstring and the README's
-# reduced-precision section); the exact fp32 runtimes never pad unless asked.
+# Input padding for a reduced-precision runtime over images of many sizes (``pad_reduced_precision``, which the
+# whole-dataset commands set): OpenVINO sets itself up for every new input shape. 128 kept bf16's WIDER AP
+# within 0.002 of fp32 (160 lost 0.0032 on hard); a lone detect() call or same-sized images gain nothing from it.
 REDUCED_PRECISION_PAD_MULTIPLE = 128
 
 
-def _assemble(backend: RetinaFaceBackend, settings: RetinaFaceSettings, options: dict[str, Any], name: str) -> RetinaFaceDetector:
-    if getattr(backend, "precision", "fp32") != "fp32" and "pad_multiple" not in options:
+def _assemble(
+    backend: RetinaFaceBackend, settings: RetinaFaceSettings, options: dict[str, Any], pad_reduced: bool, name: str
+) -> RetinaFaceDetector:
+    if pad_reduced and getattr(backend, "precision", "fp32") != "fp32" and "pad_multiple" not in options:
         settings = replace(settings, pad_multiple=REDUCED_PRECISION_PAD_MULTIPLE)
     return RetinaFaceDetector(backend, settings, name)
 
@@ -322,9 +327,10 @@ def create_retinaface_mnet(weights: str | None = None, device: str = "cpu", **op
     auto on CPU, see ``facepipe.runtime.cpu``; int8 is refused for detectors).
     """
     settings, rest = _split_options(options)
-    backend, fp16, threads, precision = _check_backend_options(rest)
+    backend, fp16, threads, precision, pad_reduced = _check_backend_options(rest)
     model = retinaface_mnet025(weights=weights, pretrained=weights is None)
-    return _assemble(_backend_for_model(model, device, backend, fp16, threads, precision), settings, options, "retinaface")
+    runtime = _backend_for_model(model, device, backend, fp16, threads, precision)
+    return _assemble(runtime, settings, options, pad_reduced, "retinaface")
 
 
 def create_retinaface_r50(weights: str | None = None, device: str = "cpu", **options: Any) -> RetinaFaceDetector:
@@ -335,10 +341,10 @@ def create_retinaface_r50(weights: str | None = None, device: str = "cpu", **opt
             "https://github.com/biubug6/Pytorch_Retinaface and pass --detector-weights PATH"
         )
     settings, rest = _split_options(options)
-    backend, fp16, threads, precision = _check_backend_options(rest)
+    backend, fp16, threads, precision, pad_reduced = _check_backend_options(rest)
     model = retinaface_r50(weights=weights)
     backend_ = _backend_for_model(model, device, backend, fp16, threads, precision, "retinaface-r50")
-    return _assemble(backend_, settings, options, "retinaface-r50")
+    return _assemble(backend_, settings, options, pad_reduced, "retinaface-r50")
 
 
 def create_retinaface_onnx(weights: str | None = None, device: str = "cpu", **options: Any) -> RetinaFaceDetector:
@@ -350,7 +356,7 @@ def create_retinaface_onnx(weights: str | None = None, device: str = "cpu", **op
     """
     settings, rest = _split_options(options)
     rest.setdefault("backend", "onnxruntime")
-    backend, fp16, threads, precision = _check_backend_options(rest)
+    backend, fp16, threads, precision, pad_reduced = _check_backend_options(rest)
     if backend != "onnxruntime" or fp16:
         raise ValueError("retinaface-onnx always runs onnxruntime in float32")
     if weights is not None and Path(weights).suffix.lower() == ".onnx":
@@ -358,4 +364,4 @@ def create_retinaface_onnx(weights: str | None = None, device: str = "cpu", **op
     else:
         source = export_onnx(retinaface_mnet025(weights=weights, pretrained=weights is None))
     runtime = OnnxRuntimeBackend(source, device=device, intra_op_threads=threads, precision=precision, model_name="retinaface-onnx")
-    return _assemble(runtime, settings, options, "retinaface-onnx")
+    return _assemble(runtime, settings, options, pad_reduced, "retinaface-onnx")

@@ -71,12 +71,17 @@ def test_images_of_one_padded_shape_batch_like_one_at_a_time() -> None:
             np.testing.assert_allclose(a.box, b.box, rtol=0, atol=1e-3)
 
 
-def test_reduced_precision_pads_unless_told_otherwise() -> None:
+def test_whole_dataset_runs_pad_reduced_precision_inputs() -> None:
+    from facepipe.detection import pipeline_detector_options
     from facepipe.runtime.cpu import unsupported_reason
 
+    assert pipeline_detector_options("retinaface", {"precision": "bf16"})["pad_reduced_precision"] is True
+    assert create_detector("retinaface", pad_reduced_precision=True).settings.pad_multiple == 1  # fp32: never
     reason = unsupported_reason("bf16")
     if reason:
         pytest.skip(reason)
-    assert create_detector("retinaface", precision="bf16").settings.pad_multiple == REDUCED_PRECISION_PAD_MULTIPLE
-    assert create_detector("retinaface", precision="bf16", pad_multiple=1).settings.pad_multiple == 1
-    assert create_detector("retinaface").settings.pad_multiple == 1
+    padded = create_detector("retinaface", precision="bf16", pad_reduced_precision=True)
+    assert padded.settings.pad_multiple == REDUCED_PRECISION_PAD_MULTIPLE
+    assert create_detector("retinaface", precision="bf16").settings.pad_multiple == 1  # a lone detect() call
+    told = create_detector("retinaface", precision="bf16", pad_reduced_precision=True, pad_multiple=32)
+    assert told.settings.pad_multiple == 32
