@@ -54,7 +54,8 @@ def test_pipeline_options_choose_zero_padding_for_mtcnn_only() -> None:
     assert pipeline_detector_options("mtcnn", {"edge_padding": "stretch", "batch_size": 2}) == {
         "edge_padding": "stretch", "batch_size": 2,
     }
-    assert pipeline_detector_options("retinaface", {"threshold": 0.3}) == {"threshold": 0.3}
+    assert "edge_padding" not in pipeline_detector_options("retinaface", {"threshold": 0.3})
+    assert pipeline_detector_options("scrfd", {"threshold": 0.3}) == {"threshold": 0.3}
 
 
 def _mean_landmark_error(faces, reference: np.ndarray) -> float:
