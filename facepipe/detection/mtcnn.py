@@ -25,7 +25,9 @@ O-Net run in chunks of 512 crops, as the reference does.
 
 Batching: images of the same size are processed together (``batch_size`` at a time): P-Net runs on a pyramid
 level of several images at once while the level is small (``pnet_pixels_per_pass``), R-Net and O-Net run on
-the crops of all of them together. Images of different sizes are grouped by size.
+the crops of all of them together. Images of different sizes are grouped by size. The small levels of an image
+(under ``PACK_BELOW_PIXELS``) are packed side by side into one image and share a P-Net pass; masking each
+level's border in the first convolution's output keeps its cells as they are alone (see ``_packing``).
 
 Threads: the groups of one ``detect`` call are independent, so on CPU they run on ``workers`` threads (default:
 torch's intra-op thread count), each with one intra-op thread; a call with one group spreads its pyramid levels
@@ -395,6 +397,82 @@ def _pnet_axis(start: int, stop: int, image_extent: int, level_extent: int) -> t
     return first_cell, slice(PNET_STRIDE * first_cell, min(level_extent, PNET_STRIDE * last_cell + PNET_CELL))
 
 
+# Pyramid levels whose P-Net region is under this many pixels share one P-Net pass per image: a pass costs ~0.3 ms
+# of dispatch whatever its size, and alone such levels cost 2-8x more per pixel than large ones (measured on padded
+# CFP, 1 thread: levels under 16 k px were 465 of 550 passes and half of P-Net's time).
+PACK_BELOW_PIXELS = 128 * 128
+
+
+@dataclass(frozen=True)
+class _PNetLevel:
+    """One pyramid level as P-Net sees it: the level's size, and the region of it that P-Net must score."""
+
+    scale: float
+    size: tuple[int, int]  # the whole level, (rows, cols)
+    first_row: int  # the region's first cell in the level
+    first_col: int
+    rows: slice  # the region's pixels in the level
+    cols: slice
+
+    @classmethod
+    def of(cls, scale: float, image_size: tuple[int, int], content) -> "_PNetLevel | None":
+        size = (int(image_size[0] * scale + 1), int(image_size[1] * scale + 1))
+        region = _pnet_region(content, image_size, size)
+        if region is None:
+            return None
+        (first_row, rows), (first_col, cols) = region
+        return cls(scale, size, first_row, first_col, rows, cols)
+
+    @property
+    def height(self) -> int:
+        return len(range(*self.rows.indices(self.size[0])))
+
+    @property
+    def width(self) -> int:
+        return len(range(*self.cols.indices(self.size[1])))
+
+    @property
+    def pixels(self) -> int:
+        return self.height * self.width
+
+    @property
+    def cells(self) -> tuple[int, int]:
+        """P-Net output cells of the region (conv 3, ceil max-pool 2, conv 3, conv 3)."""
+        return (self.height - 1) // 2 - 4, (self.width - 1) // 2 - 4
+
+
+@dataclass(frozen=True)
+class _Packing:
+    height: int
+    width: int
+    offsets: tuple[tuple[int, int], ...]  # (top, left) of each region, both even: the cell grid's stride
+    conv1_mask: torch.Tensor  # (1, 1, height - 2, width - 2), True outside every region's first-conv output
+
+
+@functools.lru_cache(maxsize=256)
+def _packing(sizes: tuple[tuple[int, int], ...]) -> _Packing:
+    """Regions of ``sizes`` (rows, cols; largest first, as a pyramid goes) on shelves of one image, without gaps.
+
+    The shelves are as wide as the first two regions side by side; the rest of a pyramid (each level half the
+    area of the one before last) then fits on a second shelf, ~30 % of the image unused. A cell only uses its
+    own region's pixels, and masking each region's border in the first convolution's output keeps the ceil-mode
+    pooling windows at its edges as they are alone, so every region's cells are computed as in a pass of its own.
+    """
+    even = [(rows + rows % 2, cols + cols % 2) for rows, cols in sizes]
+    width = max(sum(cols for _, cols in even[:2]), max(cols for _, cols in even))
+    offsets, top, left, shelf = [], 0, 0, 0
+    for rows, cols in even:
+        if left + cols > width:
+            top, left, shelf = top + shelf, 0, 0
+        offsets.append((top, left))
+        left, shelf = left + cols, max(shelf, rows)
+    height = top + shelf
+    mask = torch.ones((1, 1, height - 2, width - 2), dtype=torch.bool)
+    for (rows, cols), (y, x) in zip(sizes, offsets):
+        mask[:, :, y:y + rows - 2, x:x + cols - 2] = False
+    return _Packing(height, width, tuple(offsets), mask)
+
+
 def pyramid_scales(height: int, width: int, min_face_size: float, factor: float) -> list[float]:
     scale = PNET_CELL / min_face_size
     short_side = min(height, width) * scale
@@ -536,11 +614,20 @@ class MTCNNDetector:
         height, width = integrals[0].height, integrals[0].width
         threshold = np.float32(self.thresholds[0])
         content = self._content_box(integrals)
-        scales = pyramid_scales(height, width, self.min_face_size, self.factor)
-        # Per level and image, rows [x1, y1, x2, y2, score, 4 offsets] that survive NMS 0.5 within the level;
-        # levels are independent (``level_map`` may run them on threads) and are gathered in pyramid order.
-        levels = list(level_map(lambda scale: self._level_rows(integrals, scale, content, threshold), scales))
-        rows = [[level[b] for level in levels if level[b] is not None] for b in range(len(integrals))]
+        levels = [
+            _PNetLevel.of(scale, (height, width), content)
+            for scale in pyramid_scales(height, width, self.min_face_size, self.factor)
+        ]
+        # Large levels get a P-Net pass each, the small ones one pass together (see PACK_BELOW_PIXELS); the passes
+        # are independent (``level_map`` may run them on threads).
+        present = [k for k, level in enumerate(levels) if level is not None]
+        small = [k for k in present if levels[k].pixels < PACK_BELOW_PIXELS]  # type: ignore[union-attr]
+        passes = [[k] for k in present if len(small) < 2 or k not in small] + ([small] if len(small) >= 2 else [])
+        per_level: dict[int, list[np.ndarray | None]] = {}
+        for ks, found in zip(passes, level_map(lambda ks: self._pnet_pass(integrals, [levels[k] for k in ks], threshold), passes)):
+            per_level.update(zip(ks, found))
+        # Per image, rows [x1, y1, x2, y2, score, 4 offsets] that survived NMS 0.5 within their level, in pyramid order.
+        rows = [[per_level[k][b] for k in present if per_level[k][b] is not None] for b in range(len(integrals))]
 
         results = []
         for image_rows in rows:
@@ -553,34 +640,47 @@ class MTCNNDetector:
             results.append(_Candidates(boxes, found[:, 4].copy()))
         return results
 
-    def _level_rows(
-        self, integrals: list[IntegralImage], scale: float, content, threshold: np.float32
-    ) -> list[np.ndarray | None]:
-        """P-Net on one pyramid level of every image: per image its proposals after NMS 0.5, None when none."""
-        height, width = integrals[0].height, integrals[0].width
-        size = (int(height * scale + 1), int(width * scale + 1))
-        region = _pnet_region(content, (height, width), size)
-        if region is None:
-            return [None] * len(integrals)
-        (first_row, row_span), (first_col, col_span) = region
+    def _pnet_pass(
+        self, integrals: list[IntegralImage], levels: list["_PNetLevel"], threshold: np.float32
+    ) -> list[list[np.ndarray | None]]:
+        """P-Net on ``levels`` of every image in one pass (several levels: packed into one image each); per level,
+        per image, its proposals after NMS 0.5 (None when none)."""
         with torch.inference_mode():  # on a pool thread too
-            offsets, probs = self._run_pnet([integral.resize(*size, row_span, col_span) for integral in integrals])
-        scale32 = np.float32(scale)
+            if len(levels) == 1:
+                level = levels[0]
+                inputs = np.stack([integral.resize(*level.size, level.rows, level.cols) for integral in integrals])
+                return [self._level_proposals(*self._run_pnet(inputs), level, threshold)]
+            layout = _packing(tuple((level.height, level.width) for level in levels))
+            canvases = np.zeros((len(integrals), layout.height, layout.width, 3), np.float32)
+            for level, (top, left) in zip(levels, layout.offsets):
+                for canvas, integral in zip(canvases, integrals):
+                    canvas[top:top + level.height, left:left + level.width] = integral.resize(*level.size, level.rows, level.cols)
+            offsets, probs = self._run_pnet(canvases, layout.conv1_mask)
+        found = []
+        for level, (top, left) in zip(levels, layout.offsets):
+            rows, cols = slice(top // 2, top // 2 + level.cells[0]), slice(left // 2, left // 2 + level.cells[1])
+            found.append(self._level_proposals(offsets[:, :, rows, cols], probs[:, rows, cols], level, threshold))
+        return found
+
+    @staticmethod
+    def _level_proposals(
+        offsets: np.ndarray, probs: np.ndarray, level: "_PNetLevel", threshold: np.float32
+    ) -> list[np.ndarray | None]:
+        """P-Net's outputs over one level's region -> per image the cells' boxes after NMS 0.5, None when none."""
+        scale32 = np.float32(level.scale)
         found: list[np.ndarray | None] = []
-        for b in range(len(integrals)):
+        for b in range(len(probs)):
             ys, xs = np.nonzero(probs[b] >= threshold)
             if ys.size == 0:
                 found.append(None)
                 continue
-            ys, xs = ys + first_row, xs + first_col  # cells of the whole level
-            cells = np.stack([xs, ys], axis=1).astype(np.float32)
+            scores = probs[b, ys, xs]
+            region_offsets = offsets[b][:, ys, xs].T
+            cells = np.stack([xs + level.first_col, ys + level.first_row], axis=1).astype(np.float32)  # in the level
             corner1 = np.floor((PNET_STRIDE * cells + 1) / scale32)
             corner2 = np.floor((PNET_STRIDE * cells + PNET_CELL) / scale32)
-            scores = probs[b, ys - first_row, xs - first_col]
-            level = np.concatenate(
-                [corner1, corner2, scores[:, None], offsets[b][:, ys - first_row, xs - first_col].T], axis=1
-            )
-            found.append(level[batched_nms(level[:, :4], scores, np.zeros(len(level), np.int64), 0.5)])
+            rows = np.concatenate([corner1, corner2, scores[:, None], region_offsets], axis=1)
+            found.append(rows[batched_nms(rows[:, :4], scores, np.zeros(len(rows), np.int64), 0.5)])
         return found
 
     def _refine(self, integrals: list[IntegralImage], candidates: list[_Candidates]) -> list[_Candidates]:
@@ -640,13 +740,13 @@ class MTCNNDetector:
         return self._blank_probability >= self.thresholds[0]
 
 
-    def _run_pnet(self, levels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """P-Net on one pyramid level of every image; large levels one image at a time (measured: on CPU a
-        batch of large levels is slower than the same images one by one, small levels gain from batching)."""
-        per_pass = max(1, self.pnet_pixels_per_pass // (levels[0].shape[0] * levels[0].shape[1]))
+    def _run_pnet(self, inputs: np.ndarray, conv1_mask: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """P-Net on ``inputs`` (N, H, W, 3); large inputs one at a time (measured: on CPU a batch of large levels
+        is slower than the same images one by one, small levels gain from batching)."""
+        per_pass = max(1, self.pnet_pixels_per_pass // (inputs.shape[1] * inputs.shape[2]))
         outputs = []
-        for start in range(0, len(levels), per_pass):
-            offsets, probs = self.pnet(self._to_input(np.stack(levels[start:start + per_pass])))
+        for start in range(0, len(inputs), per_pass):
+            offsets, probs = self.pnet(self._to_input(inputs[start:start + per_pass]), conv1_mask)
             outputs.append((offsets.cpu().numpy(), probs.cpu().numpy()))
         return np.concatenate([o for o, _ in outputs]), np.concatenate([p for _, p in outputs])
 

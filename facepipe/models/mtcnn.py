@@ -86,8 +86,15 @@ class PNet(nn.Module):
         self.conv4_1 = nn.Conv2d(32, 2, kernel_size=1)
         self.conv4_2 = nn.Conv2d(32, 4, kernel_size=1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = _max_pool_2x2_ceil(self.prelu1(self.conv1(x)))  # = self.pool1(...), bit for bit
+    def forward(self, x: torch.Tensor, conv1_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``conv1_mask`` (optional, True where masked, broadcast over the first conv's output): those values are
+        set to -inf before the max-pool, so a pool window holds only the unmasked ones. Several inputs packed
+        into one image (the detector's small pyramid levels) then pool exactly as they would alone, ceil-mode
+        windows at their edges included; outputs that see a masked value are meaningless and must be dropped."""
+        x = self.prelu1(self.conv1(x))
+        if conv1_mask is not None:
+            x = x.masked_fill(conv1_mask, float("-inf"))
+        x = _max_pool_2x2_ceil(x)  # = self.pool1(...), bit for bit
         x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))
         return self.conv4_2(x), _face_probability(self.conv4_1(x))
 
