@@ -415,7 +415,9 @@ class _PNetLevel:
     cols: slice
 
     @classmethod
-    def of(cls, scale: float, image_size: tuple[int, int], content) -> "_PNetLevel | None":
+    def of(
+        cls, scale: float, image_size: tuple[int, int], content: tuple[int, int, int, int] | None
+    ) -> "_PNetLevel | None":
         size = (int(image_size[0] * scale + 1), int(image_size[1] * scale + 1))
         region = _pnet_region(content, image_size, size)
         if region is None:
@@ -623,8 +625,11 @@ class MTCNNDetector:
         present = [k for k, level in enumerate(levels) if level is not None]
         small = [k for k in present if levels[k].pixels < PACK_BELOW_PIXELS]  # type: ignore[union-attr]
         passes = [[k] for k in present if len(small) < 2 or k not in small] + ([small] if len(small) >= 2 else [])
+        def run_pass(ks: list[int]) -> list[list[np.ndarray | None]]:
+            return self._pnet_pass(integrals, [levels[k] for k in ks], threshold)  # type: ignore[misc]
+
         per_level: dict[int, list[np.ndarray | None]] = {}
-        for ks, found in zip(passes, level_map(lambda ks: self._pnet_pass(integrals, [levels[k] for k in ks], threshold), passes)):
+        for ks, found in zip(passes, level_map(run_pass, passes)):
             per_level.update(zip(ks, found))
         # Per image, rows [x1, y1, x2, y2, score, 4 offsets] that survived NMS 0.5 within their level, in pyramid order.
         rows = [[per_level[k][b] for k in present if per_level[k][b] is not None] for b in range(len(integrals))]
@@ -654,7 +659,8 @@ class MTCNNDetector:
             canvases = np.zeros((len(integrals), layout.height, layout.width, 3), np.float32)
             for level, (top, left) in zip(levels, layout.offsets):
                 for canvas, integral in zip(canvases, integrals):
-                    canvas[top:top + level.height, left:left + level.width] = integral.resize(*level.size, level.rows, level.cols)
+                    pixels = integral.resize(*level.size, level.rows, level.cols)
+                    canvas[top:top + level.height, left:left + level.width] = pixels
             offsets, probs = self._run_pnet(canvases, layout.conv1_mask)
         found = []
         for level, (top, left) in zip(levels, layout.offsets):

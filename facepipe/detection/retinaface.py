@@ -176,12 +176,15 @@ class RetinaFaceDetector:
             resizes = [_short_side_resize(height, width, size, s.max_size) for size in s.multiscale_sizes]
         flips = (False, True) if s.scale == "multiscale" and s.flip else (False,)
         return [
-            self._pass(index, resize, flip, *_resized_shape(height, width, resize)) for resize in resizes for flip in flips
+            self._pass(index, resize, flip, *_resized_shape(height, width, resize))
+            for resize in resizes
+            for flip in flips
         ]
 
     def _pass(self, index: int, resize: float, flip: bool, height: int, width: int) -> _Pass:
         multiple = self.settings.pad_multiple
-        return _Pass(index, resize, flip, height, width, -(-height // multiple) * multiple, -(-width // multiple) * multiple)
+        padded_height, padded_width = -(-height // multiple) * multiple, -(-width // multiple) * multiple
+        return _Pass(index, resize, flip, height, width, padded_height, padded_width)
 
     def _prepare_into(self, image: np.ndarray, p: _Pass, out: np.ndarray) -> None:
         """Write the network input of ``image`` for pass ``p`` into ``out`` (3, H, W) float32."""
@@ -197,7 +200,8 @@ class RetinaFaceDetector:
         # Channel by channel straight into the NCHW buffer: same values as float(image) - mean, ~4x faster
         # than converting, subtracting and transposing whole arrays.
         for channel in range(3):
-            np.subtract(source[:, :, channel], self._mean[channel], out=out[channel, : p.height, : p.width], dtype=np.float32)
+            image_part = out[channel, : p.height, : p.width]
+            np.subtract(source[:, :, channel], self._mean[channel], out=image_part, dtype=np.float32)
         if (p.input_height, p.input_width) != (p.height, p.width):  # the mean colour beyond the image
             out[:, p.height:] = 0
             out[:, : p.height, p.width:] = 0

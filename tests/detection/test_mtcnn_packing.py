@@ -57,10 +57,9 @@ def test_masked_pnet_scores_packed_inputs_as_alone(detector) -> None:
     for image, (top, left) in zip(inputs, layout.offsets):
         alone_offsets, alone_probs = run(image[None])
         rows, cols = alone_probs.shape[1:]
-        np.testing.assert_allclose(probs[:, top // 2:top // 2 + rows, left // 2:left // 2 + cols], alone_probs, rtol=0, atol=1e-6)
-        np.testing.assert_allclose(
-            offsets[:, :, top // 2:top // 2 + rows, left // 2:left // 2 + cols], alone_offsets, rtol=0, atol=1e-6
-        )
+        cells_rows, cells_cols = slice(top // 2, top // 2 + rows), slice(left // 2, left // 2 + cols)
+        np.testing.assert_allclose(probs[:, cells_rows, cells_cols], alone_probs, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(offsets[:, :, cells_rows, cells_cols], alone_offsets, rtol=0, atol=1e-6)
     unmasked_probs = run(canvas)[1]  # without the mask the regions' edge cells see their neighbours
     assert not np.allclose(unmasked_probs, probs, atol=1e-6)
 
