@@ -388,10 +388,15 @@ def _pnet_region(
     )
 
 
+def _pnet_cells(extent: int) -> int:
+    """P-Net output cells along ``extent`` input pixels: conv 3, ceil max-pool 2, conv 3, conv 3."""
+    return (extent - 2 + 1) // 2 - 4
+
+
 def _pnet_axis(start: int, stop: int, image_extent: int, level_extent: int) -> tuple[int, slice]:
     level_start, level_stop = _windows(np.zeros(1, np.int64), np.array([image_extent]), level_extent)
     touching = np.flatnonzero((level_stop[0] > start) & (level_start[0] < stop))  # level pixels that are not black
-    cells = (level_extent - 2 + 1) // 2 - 4  # conv 3, ceil max-pool 2, conv 3, conv 3
+    cells = _pnet_cells(level_extent)
     first_cell = max(0, -(-(int(touching[0]) - PNET_CELL + 1) // PNET_STRIDE))
     last_cell = min(cells - 1, int(touching[-1]) // PNET_STRIDE)
     return first_cell, slice(PNET_STRIDE * first_cell, min(level_extent, PNET_STRIDE * last_cell + PNET_CELL))
@@ -439,8 +444,8 @@ class _PNetLevel:
 
     @property
     def cells(self) -> tuple[int, int]:
-        """P-Net output cells of the region (conv 3, ceil max-pool 2, conv 3, conv 3)."""
-        return (self.height - 1) // 2 - 4, (self.width - 1) // 2 - 4
+        """P-Net output cells of the region, (rows, cols)."""
+        return _pnet_cells(self.height), _pnet_cells(self.width)
 
 
 @dataclass(frozen=True)
@@ -625,6 +630,7 @@ class MTCNNDetector:
         present = [k for k, level in enumerate(levels) if level is not None]
         small = [k for k in present if levels[k].pixels < PACK_BELOW_PIXELS]  # type: ignore[union-attr]
         passes = [[k] for k in present if len(small) < 2 or k not in small] + ([small] if len(small) >= 2 else [])
+
         def run_pass(ks: list[int]) -> list[list[np.ndarray | None]]:
             return self._pnet_pass(integrals, [levels[k] for k in ks], threshold)  # type: ignore[misc]
 
