@@ -9,6 +9,8 @@ faces (the script prints the largest difference to the first configuration):
 * ``straightforward``: the facenet-pytorch structure re-run with the same networks and NMS - torch
   ``interpolate(mode="area")`` per pyramid level and one ``interpolate`` call per R-Net / O-Net crop, one image
   at a time. This is the path the integral image and the batching replace.
+* ``N/call, unpacked`` (``--cfp`` mode): the batched row with every pyramid level in a P-Net pass of its own
+  (``PACK_BELOW_PIXELS`` 0), what the packing of small levels saves.
 * ``facenet-pytorch``: the reference package itself, when it is importable (it needs torchvision; on a CPU-only
   torch, ``bash eval/facenet_pytorch_cpu.sh DIR`` installs it and prints the two variables to set).
 
@@ -39,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import facepipe.detection.mtcnn as mtcnn_module
 from facepipe.detection.mtcnn import (
     MTCNNDetector,
     apply_regression,
@@ -158,9 +161,20 @@ def bench_cfp(args: argparse.Namespace) -> None:
     det = create_mtcnn(order="area")
     batch = args.cfp_batch
     batched_name = f"facepipe, {batch}/call"
+    def batched_run() -> object:
+        return [det.detect(images[i:i + batch]) for i in range(0, len(images), batch)]
+
+    def batched_unpacked() -> object:  # every pyramid level in a P-Net pass of its own, as before the packing
+        packing, mtcnn_module.PACK_BELOW_PIXELS = mtcnn_module.PACK_BELOW_PIXELS, 0
+        try:
+            return batched_run()
+        finally:
+            mtcnn_module.PACK_BELOW_PIXELS = packing
+
     configs: dict[str, Callable[[], object]] = {
         "facepipe, 1/call": lambda: [det.detect([image]) for image in images],
-        batched_name: lambda: [det.detect(images[i:i + batch]) for i in range(0, len(images), batch)],
+        batched_name: batched_run,
+        f"{batch}/call, unpacked": batched_unpacked,
         "straightforward": lambda: [straightforward_detect(det, image) for image in images],
     }
     reference = facenet_pytorch_detect()
@@ -175,8 +189,10 @@ def bench_cfp(args: argparse.Namespace) -> None:
           f"(facepipe's {batch}/call runs its images on {args.threads} threads of 1), median of {args.runs} passes")
     base = timings["straightforward"]
     for name, seconds in timings.items():
-        print(f"{name:<20}{seconds / 1000:>8.2f} s{len(images) * 1000 / seconds:>8.2f} img/s"
+        print(f"{name:<22}{seconds / 1000:>8.2f} s{len(images) * 1000 / seconds:>8.2f} img/s"
               f"{base / seconds:>8.2f}x the straightforward cascade")
+    print(f"small levels packed into one P-Net pass: {timings[f'{batch}/call, unpacked'] / timings[batched_name]:.2f}x "
+          f"the unpacked {batch}/call time")
     for name, results in (("1/call", ours), (f"{batch}/call", batched)):
         same = sum(a[0].shape == b[0].shape for a, b in zip(results, theirs))
         worst = max((np.abs(a[0] - b[0]).max(initial=0) for a, b in zip(results, theirs) if a[0].shape == b[0].shape), default=0)
